@@ -1,0 +1,20 @@
+"""The `reaemb` command line. Heavy imports happen inside each command so `reaemb --help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from reaemb_trl.data.cli import data_app
+from reaemb_trl.evaluation.cli import evaluate_command
+
+app = typer.Typer(
+    help="reaemb-trl: turn a causal LLM into an item-embedding generator for sequential recommendation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+app.command("evaluate")(evaluate_command)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,422 @@
+"""ThoughtEmbedder: a causal LLM plus the latent thought module, turning item attributes into embeddings (SPEC 2).
+
+Two ways compute the same numbers:
+
+- `literal`: the method as written. Pass 1 runs the whole prompt without gradient, the thought module reads its
+  states; pass 2 runs the whole prompt again with the thought row replaced.
+- `fast` (default): the LLM is causal, so pass-2 states before the thought equal pass-1 states. One forward over
+  the prefix (with gradient, keeping keys and values), the thought from the detached prefix states, then only the
+  2-token suffix (thought, EOS) against the cached keys and values. Same pooled vector, loss and gradients.
+
+The fast path is also split into `encode_prefix` / `thought_vector` / `embed_from_thought`, which CRRL uses to
+share one prefix pass between all noisy copies of an item.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
+from reaemb_trl.thought import LatentThoughtModule
+
+CONFIG_FILE = "reaemb_config.json"
+THOUGHT_FILE = "thought_module.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+POOLINGS = ("mean", "last")
+
+
+@dataclass
+class PrefixStates:
+    """Everything the suffix pass needs about a batch of prefixes (the tokens before the thought)."""
+
+    hidden: torch.Tensor  # (B, P, d) last-layer states
+    mask: torch.Tensor  # (B, P) bool, real tokens
+    lengths: torch.Tensor  # (B,) real-token counts = position of the thought token
+    past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (B, heads, P, head_dim)
+
+    def select(self, rows: torch.Tensor) -> "PrefixStates":
+        kv = None if self.past_key_values is None else [(k[rows], v[rows]) for k, v in self.past_key_values]
+        return PrefixStates(self.hidden[rows], self.mask[rows], self.lengths[rows], kv)
+
+    def masked_sum(self) -> torch.Tensor:
+        return self.hidden.masked_fill(~self.mask.unsqueeze(-1), 0.0).sum(1)
+
+
+def pad_ids(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into (ids, mask) tensors on the given side."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, span] = True
+    return ids, mask
+
+
+def real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (padding gets 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+class ThoughtEmbedder(nn.Module):
+    """Causal LM (optionally with a LoRA adapter) + latent thought module + prompt format + pooling."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        thought_module: LatentThoughtModule | None = None,
+        formatter: ItemPromptFormatter | None = None,
+        pooling: str = "mean",
+        backbone: str | None = None,
+        rope_base: float = 1000.0,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = formatter or ItemPromptFormatter()
+        self.thought_token_id = add_thought_token(tokenizer, model, self.formatter.thought_token)
+        hidden_size = model.config.get_text_config().hidden_size
+        self.thought = thought_module or LatentThoughtModule(hidden_size, rope_base)
+        self.pooling = pooling
+        self.backbone = backbone
+        # The wrapper is what Trainer sees; these make it look enough like a PreTrainedModel.
+        self.config = model.config
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str,
+        *,
+        formatter: ItemPromptFormatter | None = None,
+        pooling: str = "mean",
+        lora: Any = None,
+        dtype: torch.dtype | str | None = None,
+        quantization: str | None = None,
+        attn_implementation: str | None = None,
+        rope_base: float = 1000.0,
+    ) -> "ThoughtEmbedder":
+        """Load a causal LM by short name (`smollm2`), hub id or folder; attach a LoRA adapter if `lora` is a
+        `peft.LoraConfig`; `quantization="4bit"` loads the backbone in bitsandbytes nf4 (QLoRA)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from reaemb_trl.assets import resolve_model_path
+
+        path = resolve_model_path(backbone)
+        kwargs: dict[str, Any] = {}
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if quantization:
+            kwargs["quantization_config"] = quantization_config(quantization)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if quantization:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if Path(backbone).is_dir():  # a local folder: record where it is, not where we were
+            backbone = str(Path(backbone).resolve())
+        embedder = cls(model, tokenizer, formatter=formatter, pooling=pooling, backbone=backbone, rope_base=rope_base)
+        if lora is not None:
+            embedder.attach_lora(lora)
+        return embedder
+
+    def attach_lora(self, lora_config) -> None:
+        from peft import get_peft_model
+
+        self.model = get_peft_model(self.model, lora_config)
+
+    # ---- tokens -----------------------------------------------------------------------------------------------
+    def prefix_ids(self, items: Sequence[Any]) -> list[list[int]]:
+        """Token ids before the thought token for each item's attributes."""
+        return [self.formatter.prefix_ids(attrs, self.tokenizer) for attrs in items]
+
+    @property
+    def device(self) -> torch.device:
+        return self.thought.q_proj.weight.device
+
+    # ---- fast path --------------------------------------------------------------------------------------------
+    def encode_prefix(
+        self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left", use_cache: bool = True
+    ) -> PrefixStates:
+        """One LLM pass over the prefixes (gradient follows the caller's grad mode)."""
+        ids, mask = pad_ids(prefix_ids, self.tokenizer.pad_token_id, padding_side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = decoder_of(self.model)(
+            input_ids=ids, attention_mask=mask.long(), position_ids=real_positions(mask), use_cache=use_cache
+        )
+        kv = None
+        if use_cache:
+            if _output_cache(out) is None:
+                raise RuntimeError("the backbone returned no key/value cache (is gradient checkpointing on?)")
+            kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+        return PrefixStates(out.last_hidden_state, mask, mask.sum(-1), kv)
+
+    def thought_vector(self, prefix: PrefixStates) -> torch.Tensor:
+        """mu(x): the thought vector from the detached prefix states (pass 1 sends no gradient into the LLM)."""
+        return self.thought(prefix.hidden.detach(), prefix.mask)
+
+    def embed_from_thought(self, prefix: PrefixStates, thought: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings with `thought` (B, d) written at the thought position, running only (thought, EOS)."""
+        from transformers import DynamicCache
+
+        if prefix.past_key_values is None:
+            raise ValueError("embed_from_thought needs prefix states encoded with use_cache=True")
+        body = decoder_of(self.model)
+        embeddings = body.get_input_embeddings()
+        batch = thought.shape[0]
+        eos = embeddings(torch.full((batch, 1), self.tokenizer.eos_token_id, device=thought.device))
+        suffix = torch.cat([thought.to(eos.dtype).unsqueeze(1), eos], dim=1)
+        mask = torch.cat([prefix.mask, prefix.mask.new_ones(batch, 2)], dim=1)
+        positions = prefix.lengths.unsqueeze(1) + torch.arange(2, device=thought.device)
+        cache = DynamicCache(ddp_cache_data=prefix.past_key_values, config=body.config)
+        out = body(
+            inputs_embeds=suffix,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            use_cache=True,
+            **{_cache_argument(body): cache},
+        )
+        states = out.last_hidden_state  # (B, 2, d)
+        if self.pooling == "last":
+            return states[:, -1]
+        total = prefix.masked_sum().to(states.dtype) + states.sum(1)
+        return total / (prefix.lengths + 2).unsqueeze(-1).to(states.dtype)
+
+    def embed_fast(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
+        prefix = self.encode_prefix(prefix_ids, padding_side)
+        return self.embed_from_thought(prefix, self.thought_vector(prefix))
+
+    # ---- literal path (reference oracle) ---------------------------------------------------------------------
+    def literal_thought(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
+        """Pass 1 of the literal method over the full prompt; returns r (B, d)."""
+        full = [list(p) + self.formatter.suffix_ids(self.tokenizer) for p in prefix_ids]
+        ids, mask = pad_ids(full, self.tokenizer.pad_token_id, padding_side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        thought_at = (ids == self.thought_token_id).long().argmax(-1)
+        with torch.no_grad():
+            hidden = decoder_of(self.model)(
+                input_ids=ids, attention_mask=mask.long(), position_ids=real_positions(mask)
+            ).last_hidden_state
+        before = torch.arange(ids.shape[1], device=ids.device) < thought_at.unsqueeze(1)
+        return self.thought(hidden, mask & before)
+
+    def embed_literal(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
+        """The two full passes of the method as written."""
+        full = [list(p) + self.formatter.suffix_ids(self.tokenizer) for p in prefix_ids]
+        ids, mask = pad_ids(full, self.tokenizer.pad_token_id, padding_side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        thought = self.literal_thought(prefix_ids, padding_side)
+        body = decoder_of(self.model)
+        embeds = body.get_input_embeddings()(ids)
+        at_thought = (ids == self.thought_token_id).unsqueeze(-1)
+        embeds = torch.where(at_thought, thought.to(embeds.dtype).unsqueeze(1), embeds)
+        states = body(
+            inputs_embeds=embeds, attention_mask=mask.long(), position_ids=real_positions(mask)
+        ).last_hidden_state
+        if self.pooling == "last":
+            last = torch.where(mask, torch.arange(ids.shape[1], device=ids.device), -1).argmax(-1)
+            return states[torch.arange(ids.shape[0], device=ids.device), last]
+        total = states.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)
+        return total / mask.sum(-1, keepdim=True).to(states.dtype)
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    def uses_fast_path(self) -> bool:
+        """The fast path needs the key/value cache, which gradient checkpointing turns off while training."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        checkpointing = getattr(base, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5.24
+            checkpointing = getattr(base, "is_gradient_checkpointing", False)
+        return not (self.training and torch.is_grad_enabled() and checkpointing)
+
+    def forward(self, prefix_ids: Sequence[Sequence[int]], method: str = "fast") -> torch.Tensor:
+        """Pooled embeddings (B, d) for tokenised prefixes. `method`: 'fast' or 'literal' (same numbers)."""
+        if method == "fast" and self.uses_fast_path():
+            return self.embed_fast(prefix_ids)
+        if method not in ("fast", "literal"):
+            raise ValueError(f"method must be 'fast' or 'literal', got {method!r}")
+        return self.embed_literal(prefix_ids)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        items: Sequence[Any],
+        batch_size: int = 32,
+        method: str = "fast",
+        sort_by_length: bool = True,
+        progress: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Embed a list of items (each an attribute list or mapping) -> float32 tensor (N, d), in input order.
+
+        Items are batched by length (less padding); an item's vector does not depend on its batch mates."""
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        ids = self.prefix_ids(items)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if sort_by_length else list(range(len(ids)))
+        out = torch.empty(len(ids), self.thought.hidden_size, dtype=torch.float32)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else _nullcontext()
+        starts = range(0, len(order), batch_size)
+        with autocast:
+            for start in tqdm(starts, desc="embedding items", disable=not progress, unit="batch"):
+                rows = order[start : start + batch_size]
+                out[rows] = self([ids[i] for i in rows], method=method).float().cpu()
+        self.train(was_training)
+        return out
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, include_backbone: bool | None = None) -> None:
+        """Write adapter, thought module, prompt format, tokenizer and config into `folder`.
+
+        The backbone weights are stored too when `include_backbone` is true, or when the backbone has no name
+        that can be loaded again (e.g. a model built in-process)."""
+        folder = Path(folder)
+        if include_backbone is None:
+            include_backbone = self.backbone is None
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".reaemb-save-", dir=folder))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.thought.state_dict().items()}
+            save_file(state, staging / THOUGHT_FILE)
+            self.formatter.save(staging)
+            self.tokenizer.save_pretrained(staging)
+            has_adapter = hasattr(self.model, "peft_config")
+            if has_adapter:
+                self.model.save_pretrained(staging / ADAPTER_DIR)
+            if include_backbone:
+                _save_base_weights(self.model, staging / BACKBONE_DIR)
+            config = {
+                "format": "reaemb-trl/1",
+                "backbone": None if include_backbone else self.backbone,
+                "backbone_in_folder": include_backbone,
+                "pooling": self.pooling,
+                "hidden_size": self.thought.hidden_size,
+                "rope_base": self.thought.rope_base,
+                "adapter": has_adapter,
+                "architecture": (self.config.architectures or [None])[0],
+            }
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            # Move entries in one by one (the folder may also hold Trainer checkpoints and logs); the config
+            # goes last, so a folder with a config is always complete.
+            (folder / CONFIG_FILE).unlink(missing_ok=True)
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_FILE):
+                target = folder / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        backbone: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        is_trainable: bool = False,
+        device: str | torch.device | None = None,
+    ) -> "ThoughtEmbedder":
+        """Load a checkpoint folder written by `save_pretrained` (LRCL or CRRL)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from reaemb_trl.assets import resolve_model_path
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{folder} is not a reaemb-trl checkpoint: {CONFIG_FILE} is missing")
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        if config.get("backbone_in_folder"):
+            path = str(folder / BACKBONE_DIR)
+        else:
+            path = resolve_model_path(backbone or config["backbone"])
+        kwargs = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype} if dtype else {}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        add_thought_token(tokenizer, model)
+        if config["adapter"]:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=is_trainable)
+        thought = LatentThoughtModule(config["hidden_size"], config["rope_base"])
+        thought.load_state_dict(load_file(folder / THOUGHT_FILE))
+        embedder = cls(
+            model,
+            tokenizer,
+            thought_module=thought,
+            formatter=ItemPromptFormatter.load(folder),
+            pooling=config["pooling"],
+            backbone=config["backbone"] if not config.get("backbone_in_folder") else None,
+        )
+        if device is not None:
+            embedder.to(device)
+        return embedder.train(is_trainable)
+
+    def load_thought_state(self, folder: str | os.PathLike) -> None:
+        """Load only the thought module's weights from a checkpoint folder (used on resume)."""
+        self.thought.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
+
+
+def _cache_argument(body: nn.Module) -> str:
+    """transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; accept both."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
+
+
+def _save_base_weights(model, folder: Path) -> None:
+    """Save the backbone without any LoRA layers (peft renames wrapped weights to `*.base_layer.*`)."""
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    state = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(folder, state_dict=state)
+
+
+def quantization_config(kind: str):
+    from transformers import BitsAndBytesConfig
+
+    if kind != "4bit":
+        raise ValueError(f"quantization must be '4bit' (bitsandbytes nf4), got {kind!r}")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

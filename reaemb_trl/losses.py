@@ -1,0 +1,103 @@
+"""LRCL contrastive losses (SPEC 3). Each returns a dict of components; `loss` is the one to minimise."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Row-wise CE with soft targets: -sum_j t_ij log softmax(z_i)_j -> (B,).
+
+    Excluded pairs have logit -inf and target 0; their log-probability is zeroed so neither the value nor the
+    gradient sees 0 * -inf."""
+    log_probs = logits.log_softmax(-1).masked_fill(targets == 0, 0.0)
+    return -(targets * log_probs).sum(-1)
+
+
+def _same_item_mask(item_ids: list | None, device) -> torch.Tensor | None:
+    """True where (i, j), i != j, hold the same item: such pairs must not act as negatives."""
+    if item_ids is None:
+        return None
+    codes = {item: n for n, item in enumerate(dict.fromkeys(item_ids))}
+    ids = torch.tensor([codes[i] for i in item_ids], device=device)
+    same = ids.unsqueeze(1) == ids.unsqueeze(0)
+    same.fill_diagonal_(False)
+    return same if same.any() else None
+
+
+def contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    kind: str = "soft",
+    normalize: bool = False,
+    item_ids: list | None = None,
+) -> dict[str, torch.Tensor]:
+    """Symmetric contrastive loss between view-1 embeddings `x` and view-2 embeddings `y` (B, d).
+
+    kind="soft" (ReaEmb/LLMEmb): Z = X Y^T / tau, T = softmax_rows((X X^T + Y Y^T) / (2 tau)),
+    L = 1/2 mean_i [CE(Z_i, T_i) + CE((Z^T)_i, (T^T)_i)].
+    kind="infonce": the same with hard targets (the matching view).
+    `item_ids`: rows that hold the same item are never each other's negatives.
+    """
+    if kind not in ("soft", "infonce"):
+        raise ValueError(f"loss kind must be 'soft' or 'infonce', got {kind!r}")
+    x, y = x.float(), y.float()
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    tau = temperature.float()
+    logits = x @ y.T / tau
+    exclude = _same_item_mask(item_ids, x.device)
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
+    if kind == "soft":
+        similarity = (x @ x.T + y @ y.T) / (2 * tau)
+        if exclude is not None:
+            similarity = similarity.masked_fill(exclude, float("-inf"))
+        targets = similarity.softmax(-1)
+    else:
+        targets = torch.eye(x.shape[0], device=x.device)
+    loss_xy = soft_cross_entropy(logits, targets).mean()
+    loss_yx = soft_cross_entropy(logits.T, targets.T).mean()
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == torch.arange(x.shape[0], device=x.device)).float().mean()
+        positive_cosine = F.cosine_similarity(x, y, dim=-1).mean()
+    return {
+        "loss": 0.5 * (loss_xy + loss_yx),
+        "loss_x_to_y": loss_xy.detach(),
+        "loss_y_to_x": loss_yx.detach(),
+        "temperature": tau.detach(),
+        "accuracy": accuracy,
+        "positive_cosine": positive_cosine,
+    }
+
+
+def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All rows from all processes; the local rows keep their autograd graph. Returns (global, local offset)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local.detach()
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded)
+    rank = dist.get_rank()
+    parts = [local if r == rank else chunk[: int(sizes[r].item())] for r, chunk in enumerate(chunks)]
+    return torch.cat(parts), int(sum(int(s.item()) for s in sizes[:rank]))
+
+
+def gather_objects(values: list) -> list:
+    """Concatenate a Python list across processes (rank order)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(values))
+    return [v for part in out for v in part]

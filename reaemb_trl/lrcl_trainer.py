@@ -1,0 +1,239 @@
+"""LRCLTrainer: stage 1 of ReaEmb, contrastive training of the LLM (LoRA) and the latent thought module (SPEC 3)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import set_seed
+
+from reaemb_trl.embedder import ADAPTER_DIR, ThoughtEmbedder
+from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
+from reaemb_trl.lrcl_config import LRCLConfig
+from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
+
+TEMPERATURE_FILE = "lrcl_temperature.safetensors"
+
+
+def draw_views(attributes: Sequence[tuple[str, str]], drop_ratio: float, rng: np.random.Generator):
+    """Two attribute-dropout views: each shuffles the attributes and drops floor(rho * n) of them.
+
+    The second view is redrawn while it equals the first (possible whenever n >= 2: the order differs)."""
+    attributes = list(attributes)
+    n = len(attributes)
+    keep = n - math.floor(drop_ratio * n)
+
+    def view() -> list[tuple[str, str]]:
+        return [attributes[i] for i in rng.permutation(n)[:keep]]
+
+    first, second = view(), view()
+    for _ in range(1000):
+        if n < 2 or second != first or len(set(attributes)) < 2:
+            break
+        second = view()
+    return first, second
+
+
+def collate_items(rows: list[dict]) -> dict[str, list]:
+    """Keep raw item rows: views are drawn afresh in the trainer every time an item is drawn."""
+    missing = [col for col in ("item_id", "attributes") if col not in rows[0]]
+    if missing:
+        raise KeyError(f"item rows need columns 'item_id' and 'attributes'; missing {missing} in {sorted(rows[0])}")
+    return {"item_id": [r["item_id"] for r in rows], "attributes": [r["attributes"] for r in rows]}
+
+
+def build_embedder(args: LRCLConfig) -> ThoughtEmbedder:
+    """The backbone named in `args` with a fresh thought module and (by default) a fresh LoRA adapter."""
+    lora = None
+    if args.use_lora:
+        from peft import LoraConfig
+
+        lora = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=list(args.lora_target_modules),
+        )
+    embedder = ThoughtEmbedder.from_backbone(
+        args.model_name_or_path,
+        formatter=ItemPromptFormatter(max_length=args.max_prompt_length, max_value_chars=args.max_value_chars),
+        pooling=args.pooling,
+        lora=lora,
+        dtype=args.model_dtype,
+        quantization=args.quantization,
+        attn_implementation=args.attn_implementation,
+        rope_base=args.thought_rope_base,
+    )
+    if not args.use_lora:
+        embedder.model.requires_grad_(False)
+    return embedder
+
+
+class LRCLModel(nn.Module):
+    """The embedder plus the learnable temperature; its forward returns the loss components of one batch."""
+
+    def __init__(self, embedder: ThoughtEmbedder, args: LRCLConfig):
+        super().__init__()
+        self.embedder = embedder
+        self.temperature = nn.Parameter(torch.tensor(float(args.init_temperature)), requires_grad=args.learn_temperature)
+        self.args = args
+        self.config = embedder.config  # read by Trainer
+
+    def forward(self, prefix_ids_1: list[list[int]], prefix_ids_2: list[list[int]], item_ids: list) -> dict:
+        embeddings = self.embedder(list(prefix_ids_1) + list(prefix_ids_2), method=self.args.forward_method)
+        x, y = embeddings[: len(prefix_ids_1)], embeddings[len(prefix_ids_1) :]
+        world = 1
+        if self.args.gather_negatives:
+            x, _ = gather_with_grad(x)
+            y, _ = gather_with_grad(y)
+            world = len(gather_objects([0]))
+            item_ids = gather_objects(item_ids)
+        tau = self.temperature.clamp(min=self.args.min_temperature)
+        out = contrastive_loss(
+            x, y, tau, kind=self.args.loss_type, normalize=self.args.normalize_embeddings, item_ids=list(item_ids)
+        )
+        if world > 1:
+            # Every process computes the same global loss, but only its own rows carry gradient; DDP averages
+            # the gradients, so scale them by the world size while keeping the logged value.
+            out["loss"] = out["loss"] * world - out["loss"].detach() * (world - 1)
+        return out
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        model = self.embedder.model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """An embedding checkpoint (loads with ThoughtEmbedder.from_pretrained) plus the temperature.
+
+        `state_dict` (full, as gathered by DeepSpeed ZeRO-3) overrides the live parameters when given."""
+        if state_dict is not None:
+            self._load_state_subset(state_dict)
+        self.embedder.save_pretrained(folder)
+        save_file({"temperature": self.temperature.detach().float().cpu().reshape(1)}, Path(folder) / TEMPERATURE_FILE)
+
+    def _load_state_subset(self, state_dict: dict) -> None:
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in own and own[name].requires_grad and value.numel() == own[name].numel():
+                    own[name].copy_(value.reshape(own[name].shape))
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore trained weights from a checkpoint folder (used when resuming)."""
+        from peft import set_peft_model_state_dict
+
+        folder = Path(folder)
+        self.embedder.load_thought_state(folder)
+        with torch.no_grad():
+            self.temperature.copy_(load_file(folder / TEMPERATURE_FILE)["temperature"].reshape(()))
+        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        if adapter_file.exists():
+            set_peft_model_state_dict(self.embedder.model, load_file(adapter_file))
+
+
+class LRCLTrainer(Trainer):
+    """Trains `ThoughtEmbedder`s contrastively on two attribute-dropout views of each item.
+
+    `train_dataset` holds items (`item_id`, `attributes`); `model` is a ThoughtEmbedder, a backbone name, or None
+    (then `args.model_name_or_path` is loaded). LoRA comes from `args` unless the model already has an adapter.
+    """
+
+    def __init__(
+        self,
+        model: ThoughtEmbedder | str | None = None,
+        args: LRCLConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        args = args or LRCLConfig(output_dir="lrcl-output")
+        set_seed(args.seed)  # LoRA and the thought module are initialised randomly
+        if model is None or isinstance(model, str):
+            if isinstance(model, str):
+                args.model_name_or_path = model
+            model = build_embedder(args)
+        elif args.use_lora and not hasattr(model.model, "peft_config"):
+            from peft import LoraConfig
+
+            model.attach_lora(
+                LoraConfig(
+                    r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
+                    lora_dropout=args.lora_dropout,
+                    target_modules=list(args.lora_target_modules),
+                )
+            )
+        elif not args.use_lora and not hasattr(model.model, "peft_config"):
+            model.model.requires_grad_(False)
+        self.embedder = model
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._view_step, self._view_draws = -1, 0
+        super().__init__(
+            model=LRCLModel(model, args),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collate_items,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    def _view_rng(self) -> np.random.Generator:
+        """Seeded by (seed, step, micro-batch, process): views are fresh every draw and identical on resume."""
+        if self._view_step != self.state.global_step:
+            self._view_step, self._view_draws = self.state.global_step, 0
+        self._view_draws += 1
+        key = [self.args.seed, self.state.global_step, self._view_draws, self.accelerator.process_index]
+        return np.random.default_rng(key)
+
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        rng = self._view_rng()
+        formatter, tokenizer = self.embedder.formatter, self.embedder.tokenizer
+        first, second = [], []
+        for attributes in inputs["attributes"]:
+            view_1, view_2 = draw_views(normalise_attributes(attributes), self.args.view_drop_ratio, rng)
+            first.append(formatter.prefix_ids(view_1, tokenizer))
+            second.append(formatter.prefix_ids(view_2, tokenizer))
+        out = model(prefix_ids_1=first, prefix_ids_2=second, item_ids=list(inputs["item_id"]))
+        prefix = "" if model.training else "eval_"
+        for name, value in out.items():
+            if name != "loss":
+                self._metrics[prefix + name].append(float(value))
+        self._metrics[prefix + "contrastive_loss"].append(float(out["loss"].detach()))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics:
+            names = sorted(self._metrics)
+            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names])
+            averaged = self.accelerator.reduce(local.to(self.accelerator.device), reduction="mean").cpu()
+            is_eval = any(k.startswith("eval_") for k in logs)
+            logs = {**logs, **{n: v.item() for n, v in zip(names, averaged) if n.startswith("eval_") == is_eval}}
+            for name in [n for n in names if n.startswith("eval_") == is_eval]:
+                del self._metrics[name]
+        super().log(logs, start_time)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.accelerator.unwrap_model(model or self.model).load_checkpoint(resume_from_checkpoint)

@@ -1,0 +1,38 @@
+"""What the recipes share: dataset arguments and the end-of-run steps (save, optional push, close processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataArguments:
+    """Where the items (and, for CRRL, the interactions) come from."""
+
+    dataset: str = field(
+        default="ml-100k",
+        metadata={"help": "A canonical dataset folder (items.jsonl + interactions.csv) or `ml-100k` (embedded)."},
+    )
+    max_items: int | None = field(default=None, metadata={"help": "Use only the first N items (quick runs)."})
+
+
+def load_recipe_items(data_args: DataArguments):
+    from reaemb_trl.assets import resolve_dataset
+    from reaemb_trl.data.canonical import load_items
+
+    items = load_items(resolve_dataset(data_args.dataset))
+    if data_args.max_items is not None:
+        items = items.select(range(min(data_args.max_items, len(items))))
+    return items
+
+
+def finish(trainer, output_dir: str) -> None:
+    """Save the final checkpoint, push it when asked, and end the process group cleanly."""
+    trainer.save_model(output_dir)
+    if trainer.args.push_to_hub and trainer.accelerator.is_main_process:
+        from reaemb_trl.hub import push_checkpoint
+
+        push_checkpoint(output_dir, repo_id=trainer.args.hub_model_id, private=trainer.args.hub_private_repo,
+                        revision=trainer.args.hub_revision, token=trainer.args.hub_token)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()

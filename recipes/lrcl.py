@@ -1,0 +1,27 @@
+"""LRCL, stage 1 of ReaEmb: contrastive LoRA training of a causal LLM with a latent thought token.
+
+    accelerate launch recipes/lrcl.py --config recipes/configs/lrcl_tiny.yaml          # CPU, seconds
+    accelerate launch recipes/lrcl.py --config recipes/configs/lrcl_smollm2_ml100k.yaml  # CPU, embedded defaults
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/lrcl.py \
+        --config recipes/configs/lrcl_paper.yaml                                        # GPUs, paper scale
+
+Any field of `LRCLConfig` or `DataArguments` can be overridden on the command line, e.g. `--max_steps 50`.
+The final checkpoint (adapter, thought module, prompt format) lands in `output_dir` and loads with
+`ThoughtEmbedder.from_pretrained(output_dir)`.
+"""
+
+from trl import TrlParser
+
+from reaemb_trl import LRCLConfig, LRCLTrainer
+from reaemb_trl.recipe_utils import DataArguments, finish, load_recipe_items
+
+
+def main() -> None:
+    data_args, config = TrlParser((DataArguments, LRCLConfig)).parse_args_and_config()
+    trainer = LRCLTrainer(args=config, train_dataset=load_recipe_items(data_args))
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    finish(trainer, config.output_dir)
+
+
+if __name__ == "__main__":
+    main()
