@@ -55,8 +55,9 @@ class LatentThoughtModule(nn.Module):
         v = self.v_proj(hidden)
         cos_k, sin_k = rope_angles(positions.clamp(min=0), self.hidden_size, self.rope_base)
         cos_q, sin_q = rope_angles(positions[batch, last], self.hidden_size, self.rope_base)
-        q = apply_rope(q.float(), cos_q, sin_q)
-        k = apply_rope(k.float(), cos_k, sin_k)
+        precise = torch.promote_types(dtype, torch.float32)  # at least fp32 for the angles and scores
+        q = apply_rope(q.to(precise), cos_q.to(precise), sin_q.to(precise))
+        k = apply_rope(k.to(precise), cos_k.to(precise), sin_k.to(precise))
         scores = torch.einsum("bd,bld->bl", q, k) / math.sqrt(self.hidden_size)
         weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
         return torch.einsum("bl,bld->bd", weights.to(v.dtype), v)
