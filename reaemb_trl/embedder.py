@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import nullcontext
 import os
 import shutil
 import tempfile
@@ -246,6 +247,13 @@ class ThoughtEmbedder(nn.Module):
         total = states.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)
         return total / mask.sum(-1, keepdim=True).to(states.dtype)
 
+    def embed_without_thought(self, prefix_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The no-fine-tuning baseline: the same prompt and pooling with EOS but no thought token."""
+        prefix = self.encode_prefix([list(p) + [self.tokenizer.eos_token_id] for p in prefix_ids], use_cache=False)
+        if self.pooling == "last":
+            return prefix.hidden[:, -1]  # left padding: the last column is every row's EOS
+        return prefix.masked_sum() / prefix.lengths.unsqueeze(-1).to(prefix.hidden.dtype)
+
     # ---- public API -------------------------------------------------------------------------------------------
     def uses_fast_path(self) -> bool:
         """The fast path needs the key/value cache, which gradient checkpointing turns off while training."""
@@ -256,11 +264,15 @@ class ThoughtEmbedder(nn.Module):
         return not (self.training and torch.is_grad_enabled() and checkpointing)
 
     def forward(self, prefix_ids: Sequence[Sequence[int]], method: str = "fast") -> torch.Tensor:
-        """Pooled embeddings (B, d) for tokenised prefixes. `method`: 'fast' or 'literal' (same numbers)."""
+        """Pooled embeddings (B, d) for tokenised prefixes.
+
+        `method`: 'fast' or 'literal' (the same numbers), or 'no_thought' (the bare-backbone baseline)."""
+        if method == "no_thought":
+            return self.embed_without_thought(prefix_ids)
         if method == "fast" and self.uses_fast_path():
             return self.embed_fast(prefix_ids)
         if method not in ("fast", "literal"):
-            raise ValueError(f"method must be 'fast' or 'literal', got {method!r}")
+            raise ValueError(f"method must be 'fast', 'literal' or 'no_thought', got {method!r}")
         return self.embed_literal(prefix_ids)
 
     @torch.no_grad()
@@ -283,7 +295,7 @@ class ThoughtEmbedder(nn.Module):
         ids = self.prefix_ids(items)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if sort_by_length else list(range(len(ids)))
         out = torch.empty(len(ids), self.thought.hidden_size, dtype=torch.float32)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else _nullcontext()
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         starts = range(0, len(order), batch_size)
         with autocast:
             for start in tqdm(starts, desc="embedding items", disable=not progress, unit="batch"):
@@ -412,11 +424,3 @@ def quantization_config(kind: str):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
