@@ -3,21 +3,31 @@
     from reaemb_trl import ThoughtEmbedder
     embedder = ThoughtEmbedder.from_pretrained("outputs/lrcl")
     vectors = embedder.encode([[("title", "Toy Story"), ("year", "1995")]])
+
+Names are imported on first use, so `import reaemb_trl` (and `reaemb --help`) stays light.
 """
 
-from reaemb_trl.embedder import ThoughtEmbedder
-from reaemb_trl.lrcl_config import LRCLConfig
-from reaemb_trl.lrcl_trainer import LRCLTrainer
-from reaemb_trl.prompt import THOUGHT_TOKEN, ItemPromptFormatter
-from reaemb_trl.thought import LatentThoughtModule
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "THOUGHT_TOKEN",
-    "ItemPromptFormatter",
-    "LRCLConfig",
-    "LRCLTrainer",
-    "LatentThoughtModule",
-    "ThoughtEmbedder",
-]
+_EXPORTS = {
+    "THOUGHT_TOKEN": "reaemb_trl.prompt",
+    "ItemPromptFormatter": "reaemb_trl.prompt",
+    "LatentThoughtModule": "reaemb_trl.thought",
+    "ThoughtEmbedder": "reaemb_trl.embedder",
+    "LRCLConfig": "reaemb_trl.lrcl_config",
+    "LRCLTrainer": "reaemb_trl.lrcl_trainer",
+    "CRRLConfig": "reaemb_trl.crrl_config",
+    "CRRLTrainer": "reaemb_trl.crrl_trainer",
+    "CooccurrenceCandidates": "reaemb_trl.candidates",
+    "export_table": "reaemb_trl.export",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'reaemb_trl' has no attribute {name!r}")

@@ -26,6 +26,30 @@ def load_recipe_items(data_args: DataArguments):
     return items
 
 
+def build_crrl_trainer(data_args: DataArguments, config):
+    """CRRL on a dataset: co-occurrence candidates from the training interactions, items that have a positive."""
+    from reaemb_trl.assets import resolve_dataset
+    from reaemb_trl.candidates import CooccurrenceCandidates
+    from reaemb_trl.crrl_trainer import CRRLTrainer
+    from reaemb_trl.data.canonical import load_interactions
+
+    if config.lrcl_checkpoint is None and config.model_name_or_path is None:
+        raise SystemExit("set --lrcl_checkpoint (the LRCL output folder) or --model_name_or_path")
+    items = load_recipe_items(data_args)
+    sequences = load_interactions(resolve_dataset(data_args.dataset))
+    candidates = CooccurrenceCandidates.from_sequences(
+        sequences,
+        items["item_id"],
+        candidate_num=config.candidate_num,
+        pos_num=config.pos_num,
+        holdout=config.holdout,
+        seed=config.negative_seed,
+    )
+    scorable = set(candidates.items_with_positives())
+    train_items = items.filter(lambda row: row["item_id"] in scorable)
+    return CRRLTrainer(args=config, train_dataset=train_items, candidates=candidates, catalogue=items)
+
+
 def finish(trainer, output_dir: str) -> None:
     """Save the final checkpoint, push it when asked, and end the process group cleanly."""
     trainer.save_model(output_dir)

@@ -26,9 +26,8 @@ def _parser_for(config: Path):
         return TrlParser((DataArguments, LRCLConfig))
     if config.name.startswith("crrl_"):
         from reaemb_trl.crrl_config import CRRLConfig
-        from reaemb_trl.recipe_utils import CRRLDataArguments
 
-        return TrlParser((CRRLDataArguments, CRRLConfig))
+        return TrlParser((DataArguments, CRRLConfig))
     raise AssertionError(f"{config.name}: configs are named lrcl_*.yaml or crrl_*.yaml so a test can load them")
 
 

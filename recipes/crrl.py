@@ -1,0 +1,29 @@
+"""CRRL, stage 2 of ReaEmb: GRPO on the latent thought with collaborative rewards; the LLM stays frozen.
+
+    accelerate launch recipes/crrl.py --config recipes/configs/crrl_tiny.yaml           # CPU, seconds
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/crrl.py \
+        --config recipes/configs/crrl_paper.yaml                                        # GPUs, paper scale
+
+Run the LRCL stage first (`recipes/lrcl.py` with the matching config); `lrcl_checkpoint` names its output folder.
+Any field of `CRRLConfig` or `DataArguments` can be overridden on the command line, e.g. `--max_steps 50` or
+`--reward_funcs rank my_pkg.rewards:fn --reward_weights 1.0 0.5`.
+Candidates are built from the dataset's interactions (training part only: each user's last `holdout` items are
+left out); items without any co-occurring item cannot be scored and are not trained on. The final checkpoint
+(thought module, adapter, prompt format) lands in `output_dir` and loads with `ThoughtEmbedder.from_pretrained`.
+"""
+
+from trl import TrlParser
+
+from reaemb_trl.crrl_config import CRRLConfig
+from reaemb_trl.recipe_utils import DataArguments, build_crrl_trainer, finish
+
+
+def main() -> None:
+    data_args, config = TrlParser((DataArguments, CRRLConfig)).parse_args_and_config()
+    trainer = build_crrl_trainer(data_args, config)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    finish(trainer, config.output_dir)
+
+
+if __name__ == "__main__":
+    main()
