@@ -7,6 +7,7 @@ import typer
 from reaemb_trl.data.cli import data_app
 from reaemb_trl.evaluation.cli import evaluate_command
 from reaemb_trl.export_cli import export_command
+from reaemb_trl.quickstart import quickstart_command
 
 app = typer.Typer(
     help="reaemb-trl: turn a causal LLM into an item-embedding generator for sequential recommendation.",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
+app.command("quickstart")(quickstart_command)
 
 
 if __name__ == "__main__":
