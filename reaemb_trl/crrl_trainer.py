@@ -41,7 +41,7 @@ from trl.trainer.utils import disable_dropout_in_model, identity, nanstd
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder, decoder_of, pad_ids, real_positions
+from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
 from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name
 
@@ -180,22 +180,6 @@ def cat_prefix_states(parts: list[PrefixStates]) -> PrefixStates:
         torch.cat([p.lengths for p in parts]),
         kv,
     )
-
-
-def literal_embed_with_thought(embedder: ThoughtEmbedder, prefix_ids: Sequence[Sequence[int]], thought: torch.Tensor) -> torch.Tensor:
-    """Pass 2 of the literal method over the full prompt with the thought row replaced by `thought` (B, d)."""
-    full = [list(p) + embedder.formatter.suffix_ids(embedder.tokenizer) for p in prefix_ids]
-    ids, mask = pad_ids(full, embedder.tokenizer.pad_token_id, "left")
-    ids, mask = ids.to(embedder.device), mask.to(embedder.device)
-    body = decoder_of(embedder.model)
-    embeds = body.get_input_embeddings()(ids)
-    at_thought = (ids == embedder.thought_token_id).unsqueeze(-1)
-    embeds = torch.where(at_thought, thought.to(embeds.dtype).unsqueeze(1), embeds)
-    states = body(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=real_positions(mask)).last_hidden_state
-    if embedder.pooling == "last":
-        return states[:, -1]  # left padding: the last position is EOS
-    total = states.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)
-    return total / mask.sum(-1, keepdim=True).to(states.dtype)
 
 
 @contextmanager
@@ -494,13 +478,13 @@ class CRRLTrainer(GRPOTrainer):
         mu = torch.cat([emb.literal_thought(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
         z = mu + self.args.noise_scale * eps.to(mu.device)
         item_emb = torch.cat(
-            [literal_embed_with_thought(emb, ids[s : s + chunk], z[s : s + chunk]) for s in range(0, len(ids), chunk)]
+            [emb.literal_embed_with_thought(ids[s : s + chunk], z[s : s + chunk]) for s in range(0, len(ids), chunk)]
         ).float()
         flat = [self._item_prefix_ids(c) for row in candidate_ids for c in row]
         cand = []
         for s in range(0, len(flat), chunk):
             part = flat[s : s + chunk]
-            cand.append(literal_embed_with_thought(emb, part, emb.literal_thought(part)))
+            cand.append(emb.literal_embed_with_thought(part, emb.literal_thought(part)))
         cand_emb = torch.cat(cand).float().view(len(item_ids), len(candidate_ids[0]), -1)
         ref_mu = None
         if self.ref_thought is not None:

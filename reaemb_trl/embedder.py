@@ -99,7 +99,7 @@ class ThoughtEmbedder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or ItemPromptFormatter()
-        self.thought_token_id = add_thought_token(tokenizer, model, self.formatter.thought_token)
+        self.thought_token_id = _add_thought_token(tokenizer, model, self.formatter.thought_token)
         hidden_size = model.config.get_text_config().hidden_size
         self.thought = thought_module or LatentThoughtModule(hidden_size, rope_base)
         self.pooling = pooling
@@ -230,10 +230,15 @@ class ThoughtEmbedder(nn.Module):
 
     def embed_literal(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
         """The two full passes of the method as written."""
+        return self.literal_embed_with_thought(prefix_ids, self.literal_thought(prefix_ids, padding_side), padding_side)
+
+    def literal_embed_with_thought(
+        self, prefix_ids: Sequence[Sequence[int]], thought: torch.Tensor, padding_side: str = "left"
+    ) -> torch.Tensor:
+        """Pass 2 of the literal method: the full prompt with the thought row replaced by `thought` (B, d)."""
         full = [list(p) + self.formatter.suffix_ids(self.tokenizer) for p in prefix_ids]
         ids, mask = pad_ids(full, self.tokenizer.pad_token_id, padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        thought = self.literal_thought(prefix_ids, padding_side)
         body = decoder_of(self.model)
         embeds = body.get_input_embeddings()(ids)
         at_thought = (ids == self.thought_token_id).unsqueeze(-1)
@@ -305,26 +310,41 @@ class ThoughtEmbedder(nn.Module):
         return out
 
     # ---- persistence ------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, include_backbone: bool | None = None) -> None:
+    def save_pretrained(
+        self, folder: str | os.PathLike, include_backbone: bool | None = None, state_dict: dict | None = None
+    ) -> None:
         """Write adapter, thought module, prompt format, tokenizer and config into `folder`.
 
         The backbone weights are stored too when `include_backbone` is true, or when the backbone has no name
-        that can be loaded again (e.g. a model built in-process)."""
+        that can be loaded again (e.g. a model built in-process). `state_dict` (names as in `self.state_dict()`:
+        `model.*`, `thought.*`) is written instead of the live weights when given: under DeepSpeed ZeRO-3 the live
+        parameters are partitioned (empty local tensors) and the gathered full state dict is the only copy."""
         folder = Path(folder)
         if include_backbone is None:
             include_backbone = self.backbone is None
+        model_state = thought_state = None
+        if state_dict is not None:
+            model_state = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+            thought_state = {k[len("thought.") :]: v for k, v in state_dict.items() if k.startswith("thought.")}
+            missing = sorted(set(self.thought.state_dict()) - set(thought_state))
+            if missing:
+                raise KeyError(f"state_dict lacks thought-module weights {missing}; got keys like {sorted(state_dict)[:5]}")
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".reaemb-save-", dir=folder))
         try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.thought.state_dict().items()}
+            source = thought_state if thought_state is not None else self.thought.state_dict()
+            state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
             save_file(state, staging / THOUGHT_FILE)
             self.formatter.save(staging)
             self.tokenizer.save_pretrained(staging)
             has_adapter = hasattr(self.model, "peft_config")
             if has_adapter:
-                self.model.save_pretrained(staging / ADAPTER_DIR)
+                if model_state is not None:
+                    self.model.save_pretrained(staging / ADAPTER_DIR, state_dict=model_state)
+                else:
+                    self.model.save_pretrained(staging / ADAPTER_DIR)
             if include_backbone:
-                _save_base_weights(self.model, staging / BACKBONE_DIR)
+                _save_base_weights(self.model, staging / BACKBONE_DIR, model_state)
             config = {
                 "format": "reaemb-trl/1",
                 "backbone": None if include_backbone else self.backbone,
@@ -373,7 +393,7 @@ class ThoughtEmbedder(nn.Module):
         kwargs = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype} if dtype else {}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        add_thought_token(tokenizer, model)
+        _add_thought_token(tokenizer, model)
         if config["adapter"]:
             from peft import PeftModel
 
@@ -397,6 +417,19 @@ class ThoughtEmbedder(nn.Module):
         self.thought.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
 
 
+def _add_thought_token(tokenizer, model, thought_token: str | None = None) -> int:
+    """`prompt.add_thought_token`, but sized by `num_embeddings`: under DeepSpeed ZeRO-3 (zero.Init) the embedding
+    weight is a partition with an empty local tensor, so `weight.shape[0]` is 0 and would trigger a resize that
+    shrinks the table to the tokenizer's length."""
+    kwargs = {} if thought_token is None else {"thought_token": thought_token}
+    token_id = add_thought_token(tokenizer, None, **kwargs)
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+    if token_id >= rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return token_id
+
+
 def _cache_argument(body: nn.Module) -> str:
     """transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; accept both."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
@@ -406,10 +439,18 @@ def _output_cache(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
 
 
-def _save_base_weights(model, folder: Path) -> None:
-    """Save the backbone without any LoRA layers (peft renames wrapped weights to `*.base_layer.*`)."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    state = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+def _save_base_weights(model, folder: Path, state_dict: dict | None = None) -> None:
+    """Save the backbone without any LoRA layers (peft renames wrapped weights to `*.base_layer.*`).
+
+    `state_dict` (names as in `model.state_dict()`) replaces the live weights when given."""
+    is_peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if is_peft else model
+    if state_dict is None:
+        source = base.state_dict()
+    else:
+        prefix = "base_model.model." if is_peft else ""
+        source = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    state = {k.replace(".base_layer", ""): v for k, v in source.items() if "lora_" not in k}
     base.save_pretrained(folder, state_dict=state)
 
 

@@ -1,0 +1,84 @@
+"""CRRL step: literal per-copy path (full passes for every noisy copy and every candidate, the policy loss re-runs
+pass 1) vs the fast path (each prefix encoded once, shared by all copies and iterations; only the 2-token suffix per
+action; the policy loss runs no LLM pass). Same process, same data.
+
+    python benchmarks/bench_crrl.py --backbone tiny
+    python benchmarks/bench_crrl.py --backbone smollm2 --items 4 --generations 8 --candidates 10
+    python benchmarks/bench_crrl.py --backbone qwen2.5-0.5b-random --device cuda --items 4
+
+A step = generate and score (embed B x G actions and B x N candidates, rewards, advantages) + num_iterations
+policy-loss evaluations with backward, as TRL's buffering does with num_iterations=2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--items", type=int, default=4, help="items (groups) per step")
+    parser.add_argument("--generations", type=int, default=8, help="G")
+    parser.add_argument("--candidates", type=int, default=10, help="N")
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from datasets import Dataset
+
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.crrl_trainer import CRRLTrainer
+
+    embedder = build_embedder(args.backbone, args.device)
+    n_items = args.items * (args.candidates + 1)
+    tokenizer = embedder.tokenizer
+    prefixes = random_prefixes(embedder, n_items, args.tokens, jitter=args.tokens // 4)
+    # Items are given as text that tokenises back to roughly these prefixes' lengths.
+    catalogue = {str(i): [("text", tokenizer.decode(p[: args.tokens // 2]))] for i, p in enumerate(prefixes)}
+    rows = []
+    for i in range(args.items):
+        cands = [str(args.items + i * args.candidates + j) for j in range(args.candidates)]
+        rows.append({"item_id": str(i), "attributes": [{"key": "text", "value": catalogue[str(i)][0][1]}],
+                     "candidate_ids": cands, "positive_weights": [1.0] + [0.0] * (args.candidates - 1)})
+    dataset = Dataset.from_list(rows)
+    full_catalogue = Dataset.from_list([{"item_id": k, "attributes": [{"key": "text", "value": v[0][1]}]}
+                                        for k, v in catalogue.items()])
+    inputs = [row for row in rows for _ in range(args.generations)]
+
+    results = []
+    for method in ("literal", "fast"):
+        with tempfile.TemporaryDirectory() as out:
+            config = CRRLConfig(output_dir=out, forward_method=method, num_generations=args.generations,
+                                per_device_train_batch_size=args.items * args.generations,
+                                candidate_num=args.candidates, use_cpu=args.device == "cpu", report_to="none",
+                                reward_funcs=["softmax"], max_steps=1)
+            trainer = CRRLTrainer(embedder, config, train_dataset=dataset, catalogue=full_catalogue)
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+
+            def step():
+                batch = trainer._generate_and_score_completions(inputs)
+                for _ in range(args.iterations):
+                    trainer._compute_loss(trainer.model, batch).backward()
+
+            with peak_memory(args.device) as mem:
+                seconds = timed(step, args.device, args.repeats)
+        results.append({"path": method, "step_ms": f"{seconds * 1e3:.0f}",
+                        "actions_per_s": f"{args.items * args.generations / seconds:.1f}",
+                        "peak_mib": f"{mem['peak_mib']:.0f}", "_s": seconds})
+    results[1]["speedup"] = f"{results[0]['_s'] / results[1]['_s']:.2f}x"
+    print(f"CRRL step | {args.backbone} | {args.items} items x G {args.generations}, N {args.candidates}, "
+          f"{args.iterations} iterations | {machine()}")
+    print_table(results, ["path", "step_ms", "actions_per_s", "peak_mib", "speedup"])
+
+
+if __name__ == "__main__":
+    main()
