@@ -43,7 +43,7 @@ from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
-from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name
+from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name, similarity_matrix
 
 
 # ---- the maths, as plain functions (tested against hand computations) ----------------------------------------------
@@ -142,15 +142,6 @@ def action_noise(
         generator = torch.Generator().manual_seed(stable_hash(f"{seed}|{step_key}|{group}|{copy_idx}|{item}"))
         out[row] = torch.randn(dim, generator=generator)
     return out
-
-
-def similarity_matrix(items: torch.Tensor, candidates: torch.Tensor, kind: str = "dot") -> torch.Tensor:
-    """s(e_g, e_b): items (R, d), candidates (R, N, d) -> (R, N)."""
-    items, candidates = items.float(), candidates.float()
-    if kind == "cosine":
-        items = nn.functional.normalize(items, dim=-1)
-        candidates = nn.functional.normalize(candidates, dim=-1)
-    return torch.einsum("rd,rnd->rn", items, candidates)
 
 
 # ---- LLM passes -----------------------------------------------------------------------------------------------------

@@ -44,10 +44,15 @@ def contrastive_loss(
     """
     if kind not in ("soft", "infonce"):
         raise ValueError(f"loss kind must be 'soft' or 'infonce', got {kind!r}")
-    x, y = x.float(), y.float()
+    # Logits of un-normalised LLM states reach the thousands: bf16 would round them by whole units.
+    with torch.autocast(x.device.type, enabled=False):
+        return _contrastive_loss_fp32(x.float(), y.float(), temperature.float(), kind, normalize, item_ids)
+
+
+def _contrastive_loss_fp32(x, y, temperature, kind, normalize, item_ids) -> dict[str, torch.Tensor]:
     if normalize:
         x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    tau = temperature.float()
+    tau = temperature
     logits = x @ y.T / tau
     exclude = _same_item_mask(item_ids, x.device)
     if exclude is not None:

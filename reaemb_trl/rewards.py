@@ -163,13 +163,20 @@ def collaborative_agreement_reward(
     n = len(candidate_ids[0]) if candidate_ids else 0
     items = table.embeddings[item_rows]
     cands = table.embeddings[cand_rows].view(len(item_ids), n, -1)
-    if similarity == "cosine":
-        items = torch.nn.functional.normalize(items, dim=-1)
-        cands = torch.nn.functional.normalize(cands, dim=-1)
-    target = torch.einsum("rk,rnk->rn", items, cands)
+    target = similarity_matrix(items, cands, similarity)
     corr, valid = _pearson(_as_tensor(similarities), target)
     valid = valid & item_found & cand_found.view(len(item_ids), n).all(-1)
     return _to_list(corr, valid)
+
+
+def similarity_matrix(items: torch.Tensor, candidates: torch.Tensor, kind: str = "dot") -> torch.Tensor:
+    """s(e_g, e_b): items (R, d), candidates (R, N, d) -> (R, N)."""
+    items, candidates = items.float(), candidates.float()
+    if kind == "cosine":
+        items = torch.nn.functional.normalize(items, dim=-1)
+        candidates = torch.nn.functional.normalize(candidates, dim=-1)
+    with torch.autocast(items.device.type, enabled=False):  # bf16 would round large dot products into ties
+        return torch.einsum("rd,rnd->rn", items, candidates)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------------
