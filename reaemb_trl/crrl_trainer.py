@@ -504,7 +504,8 @@ class CRRLTrainer(GRPOTrainer):
             anchor_copy=self.args.anchor_copy,
         )
         literal = self.args.forward_method == "literal"
-        with torch.no_grad():
+        # The LLM passes run under the run's mixed precision (bf16/fp16), as the policy forward does.
+        with torch.no_grad(), self.accelerator.autocast():
             if literal:
                 mu, z, item_emb, cand_emb, ref_mu = self._embed_literal(item_ids, candidate_ids, eps)
                 prefix_index = None

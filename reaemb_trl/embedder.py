@@ -339,10 +339,9 @@ class ThoughtEmbedder(nn.Module):
             self.tokenizer.save_pretrained(staging)
             has_adapter = hasattr(self.model, "peft_config")
             if has_adapter:
-                if model_state is not None:
-                    self.model.save_pretrained(staging / ADAPTER_DIR, state_dict=model_state)
-                else:
-                    self.model.save_pretrained(staging / ADAPTER_DIR)
+                # The row grown for the thought token is never read (the thought vector replaces it), so the
+                # embedding table is not part of the adapter.
+                self.model.save_pretrained(staging / ADAPTER_DIR, state_dict=model_state, save_embedding_layers=False)
             if include_backbone:
                 _save_base_weights(self.model, staging / BACKBONE_DIR, model_state)
             config = {
