@@ -7,6 +7,7 @@ import typer
 from reaemb_trl.data.cli import data_app
 from reaemb_trl.evaluation.cli import evaluate_command
 from reaemb_trl.export_cli import export_command
+from reaemb_trl.hub import push_command
 from reaemb_trl.quickstart import quickstart_command
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app.add_typer(data_app, name="data")
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
 app.command("quickstart")(quickstart_command)
+app.command("push")(push_command)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,19 @@ class CRRLConfig(GRPOConfig):
             raise ValueError("CRRL generates latent actions, not text: use_vllm is not supported")
         if self.gradient_checkpointing and not self.train_lora:
             raise ValueError("gradient_checkpointing is useless with a frozen LLM and disables the fast path; turn it off")
+        # A checkpoint inside a rollout cycle cannot resume exactly: the buffered rollout is not saved with it.
+        rollout_steps = self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
+        if (
+            self.save_strategy == "steps"
+            and self.save_steps >= 1
+            and rollout_steps == int(rollout_steps)
+            and self.save_steps % rollout_steps
+        ):
+            raise ValueError(
+                f"CRRLConfig.save_steps={self.save_steps} must be a multiple of {int(rollout_steps)} "
+                "(steps_per_generation x num_iterations / gradient_accumulation_steps): checkpoints are taken at "
+                "rollout boundaries so that resuming continues exactly"
+            )
         if self.noise_seed is None:
             self.noise_seed = self.seed
         if self.negative_seed is None:

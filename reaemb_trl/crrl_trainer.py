@@ -41,7 +41,8 @@ from trl.trainer.utils import disable_dropout_in_model, identity, nanstd
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder
+from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder, save_wrapped_embedder
+from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
 from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name, similarity_matrix
 
@@ -210,13 +211,7 @@ class CRRLPolicy(nn.Module):
         return self.embedder.thought(hidden, mask)
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
-        if state_dict is not None:  # e.g. gathered by DeepSpeed ZeRO-3
-            own = dict(self.named_parameters())
-            with torch.no_grad():
-                for name, value in state_dict.items():
-                    if name in own and own[name].requires_grad and value.numel() == own[name].numel():
-                        own[name].copy_(value.reshape(own[name].shape))
-        self.embedder.save_pretrained(folder)
+        save_wrapped_embedder(self, folder, state_dict)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
@@ -256,7 +251,7 @@ def _catalogue_from(source) -> dict[str, Any]:
     return {str(i): a for i, a in zip(ids, attrs)}
 
 
-class CRRLTrainer(GRPOTrainer):
+class CRRLTrainer(HubPushMixin, GRPOTrainer):
     """GRPO on the latent thought of a `ThoughtEmbedder`; only the thought module trains (optionally LoRA too).
 
     Args:

@@ -28,13 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from reaemb_trl.files import ADAPTER_DIR, BACKBONE_DIR, CONFIG_FILE, THOUGHT_FILE  # noqa: F401 (re-exported)
 from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
 from reaemb_trl.thought import LatentThoughtModule
 
-CONFIG_FILE = "reaemb_config.json"
-THOUGHT_FILE = "thought_module.safetensors"
-ADAPTER_DIR = "adapter"
-BACKBONE_DIR = "backbone"
 POOLINGS = ("mean", "last")
 
 
@@ -99,7 +96,7 @@ class ThoughtEmbedder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or ItemPromptFormatter()
-        self.thought_token_id = _add_thought_token(tokenizer, model, self.formatter.thought_token)
+        self.thought_token_id = add_thought_token(tokenizer, model, self.formatter.thought_token)
         hidden_size = model.config.get_text_config().hidden_size
         self.thought = thought_module or LatentThoughtModule(hidden_size, rope_base)
         self.pooling = pooling
@@ -328,7 +325,7 @@ class ThoughtEmbedder(nn.Module):
             thought_state = {k[len("thought.") :]: v for k, v in state_dict.items() if k.startswith("thought.")}
             missing = sorted(set(self.thought.state_dict()) - set(thought_state))
             if missing:
-                raise KeyError(f"state_dict lacks thought-module weights {missing}; got keys like {sorted(state_dict)[:5]}")
+                raise KeyError(f"state_dict lacks thought-module weights {missing}; keys: {sorted(state_dict)[:5]}...")
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".reaemb-save-", dir=folder))
         try:
@@ -392,7 +389,7 @@ class ThoughtEmbedder(nn.Module):
         kwargs = {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype} if dtype else {}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        _add_thought_token(tokenizer, model)
+        add_thought_token(tokenizer, model)
         if config["adapter"]:
             from peft import PeftModel
 
@@ -416,17 +413,34 @@ class ThoughtEmbedder(nn.Module):
         self.thought.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
 
 
-def _add_thought_token(tokenizer, model, thought_token: str | None = None) -> int:
-    """`prompt.add_thought_token`, but sized by `num_embeddings`: under DeepSpeed ZeRO-3 (zero.Init) the embedding
-    weight is a partition with an empty local tensor, so `weight.shape[0]` is 0 and would trigger a resize that
-    shrinks the table to the tokenizer's length."""
-    kwargs = {} if thought_token is None else {"thought_token": thought_token}
-    token_id = add_thought_token(tokenizer, None, **kwargs)
-    embeddings = model.get_input_embeddings()
-    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
-    if token_id >= rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return token_id
+def save_wrapped_embedder(wrapper: nn.Module, folder: str | os.PathLike, state_dict: dict | None) -> dict | None:
+    """Save `wrapper.embedder` (a trainer's model: LRCLModel, CRRLPolicy) into `folder`.
+
+    `state_dict`: the full state dict Trainer passes under DeepSpeed ZeRO-3 / FSDP (names as in
+    `wrapper.state_dict()`). The files are written straight from it: the live parameters are empty partitions
+    then. Returns the (prefix-stripped) state dict used, or None when nothing could be written: ZeRO-3 without
+    `zero3_save_16bit_model` passes `{}`, and DeepSpeed's own checkpoint holds the weights."""
+    if state_dict:
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        missing = sorted(n for n, p in wrapper.named_parameters() if p.requires_grad and n not in state_dict)
+        if missing:
+            raise KeyError(f"state_dict lacks trainable weights {missing[:5]} (of {len(missing)})")
+        prefix = "embedder."
+        wrapper.embedder.save_pretrained(
+            folder, state_dict={k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        )
+        return state_dict
+    if any(hasattr(p, "ds_numel") for p in wrapper.parameters()):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "DeepSpeed ZeRO-3 without zero3_save_16bit_model: no embedding checkpoint written to %s; set "
+            "zero3_save_16bit_model: true (accelerate_configs/deepspeed_zero3.yaml) to get a loadable folder",
+            folder,
+        )
+        return None
+    wrapper.embedder.save_pretrained(folder)
+    return dict(wrapper.state_dict())
 
 
 def _cache_argument(body: nn.Module) -> str:

@@ -16,7 +16,8 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import set_seed
 
-from reaemb_trl.embedder import ADAPTER_DIR, ThoughtEmbedder
+from reaemb_trl.embedder import ADAPTER_DIR, ThoughtEmbedder, save_wrapped_embedder
+from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
 from reaemb_trl.lrcl_config import LRCLConfig
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
@@ -84,7 +85,11 @@ class LRCLModel(nn.Module):
     def __init__(self, embedder: ThoughtEmbedder, args: LRCLConfig):
         super().__init__()
         self.embedder = embedder
-        self.temperature = nn.Parameter(torch.tensor(float(args.init_temperature)), requires_grad=args.learn_temperature)
+        # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts and partitions parameters through `p.view(uint8)`,
+        # which fails on 0-dim tensors.
+        self.temperature = nn.Parameter(
+            torch.full((1,), float(args.init_temperature)), requires_grad=args.learn_temperature
+        )
         self.args = args
         self.config = embedder.config  # read by Trainer
 
@@ -97,7 +102,7 @@ class LRCLModel(nn.Module):
             y, _ = gather_with_grad(y)
             world = len(gather_objects([0]))
             item_ids = gather_objects(item_ids)
-        tau = self.temperature.clamp(min=self.args.min_temperature)
+        tau = self.temperature.clamp(min=self.args.min_temperature).reshape(())
         out = contrastive_loss(
             x, y, tau, kind=self.args.loss_type, normalize=self.args.normalize_embeddings, item_ids=list(item_ids)
         )
@@ -107,28 +112,40 @@ class LRCLModel(nn.Module):
             out["loss"] = out["loss"] * world - out["loss"].detach() * (world - 1)
         return out
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """What Trainer (transformers >= 5.24) calls for `gradient_checkpointing: true`. Checkpointing turns the KV
+        cache off, so the embedder then takes the literal two-pass path (same numbers, more compute)."""
         model = self.embedder.model
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                offload=offload,
+            )  # fmt: skip
+        else:  # transformers < 5.24
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
         """An embedding checkpoint (loads with ThoughtEmbedder.from_pretrained) plus the temperature.
 
-        `state_dict` (full, as gathered by DeepSpeed ZeRO-3) overrides the live parameters when given."""
-        if state_dict is not None:
-            self._load_state_subset(state_dict)
-        self.embedder.save_pretrained(folder)
-        save_file({"temperature": self.temperature.detach().float().cpu().reshape(1)}, Path(folder) / TEMPERATURE_FILE)
-
-    def _load_state_subset(self, state_dict: dict) -> None:
-        own = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                if name in own and own[name].requires_grad and value.numel() == own[name].numel():
-                    own[name].copy_(value.reshape(own[name].shape))
+        `state_dict` (full, as gathered by DeepSpeed ZeRO-3 / FSDP, names as in `self.state_dict()`) is written
+        instead of the live parameters when given. Under ZeRO-3 the live parameters are partitioned (their local
+        tensors are empty), so the files are written straight from `state_dict`; nothing is copied into the
+        live modules (that would write partitions, not weights)."""
+        state = save_wrapped_embedder(self, folder, state_dict)
+        if state is None:
+            return
+        temperature = state.get("temperature", self.temperature)
+        temperature = temperature.detach().float().cpu().reshape(1)
+        save_file({"temperature": temperature}, Path(folder) / TEMPERATURE_FILE)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore trained weights from a checkpoint folder (used when resuming)."""
@@ -137,13 +154,13 @@ class LRCLModel(nn.Module):
         folder = Path(folder)
         self.embedder.load_thought_state(folder)
         with torch.no_grad():
-            self.temperature.copy_(load_file(folder / TEMPERATURE_FILE)["temperature"].reshape(()))
+            self.temperature.copy_(load_file(folder / TEMPERATURE_FILE)["temperature"].reshape(self.temperature.shape))
         adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
         if adapter_file.exists():
             set_peft_model_state_dict(self.embedder.model, load_file(adapter_file))
 
 
-class LRCLTrainer(Trainer):
+class LRCLTrainer(HubPushMixin, Trainer):
     """Trains `ThoughtEmbedder`s contrastively on two attribute-dropout views of each item.
 
     `train_dataset` holds items (`item_id`, `attributes`); `model` is a ThoughtEmbedder, a backbone name, or None

@@ -115,7 +115,11 @@ def add_thought_token(tokenizer, model=None, thought_token: str = THOUGHT_TOKEN)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     token_id = tokenizer.convert_tokens_to_ids(thought_token)
-    if model is not None and token_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if model is not None:
+        embeddings = model.get_input_embeddings()
+        # `num_embeddings`, not `weight.shape[0]`: under DeepSpeed ZeRO-3 the local weight is an empty partition.
+        rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+        if token_id >= rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return token_id
 

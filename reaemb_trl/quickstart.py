@@ -149,7 +149,11 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
             per_device_train_batch_size=settings.crrl_items_per_step * settings.crrl_generations,
             num_generations=settings.crrl_generations,
             learning_rate=settings.crrl_learning_rate,
-            **_common_training_args(settings, folder, settings.crrl_steps),
+            **{
+                **_common_training_args(settings, folder, settings.crrl_steps),
+                # checkpoints on rollout boundaries (every num_iterations=2 steps) resume exactly
+                "save_steps": max(2, settings.crrl_steps // 6 * 2),
+            },
         )
         trainer = build_crrl_trainer(DataArguments(dataset=str(data)), args)
         trainer.train(resume_from_checkpoint=_last_checkpoint(folder))

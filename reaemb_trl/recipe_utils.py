@@ -51,12 +51,15 @@ def build_crrl_trainer(data_args: DataArguments, config):
 
 
 def finish(trainer, output_dir: str) -> None:
-    """Save the final checkpoint, push it when asked, and end the process group cleanly."""
-    trainer.save_model(output_dir)
-    if trainer.args.push_to_hub and trainer.accelerator.is_main_process:
-        from reaemb_trl.hub import push_checkpoint
+    """Save the final checkpoint, push it when asked, and end the process group cleanly.
 
-        push_checkpoint(output_dir, repo_id=trainer.args.hub_model_id, private=trainer.args.hub_private_repo,
-                        revision=trainer.args.hub_revision, token=trainer.args.hub_token)
+    `_internal_call=True` keeps Trainer.save_model from running Trainer.push_to_hub itself: the one push is ours."""
+    trainer.save_model(output_dir, _internal_call=True)
+    if trainer.args.push_to_hub and trainer.accelerator.is_main_process:
+        from reaemb_trl.hub import default_repo_id, push_checkpoint
+
+        args = trainer.args
+        push_checkpoint(output_dir, repo_id=default_repo_id(args), private=args.hub_private_repo,
+                        revision=args.hub_revision, token=args.hub_token)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
