@@ -290,19 +290,45 @@ class ThoughtEmbedder(nn.Module):
         """Embed a list of items (each an attribute list or mapping) -> float32 tensor (N, d), in input order.
 
         Items are batched by length (less padding); an item's vector does not depend on its batch mates."""
+        return self._encode_batched(
+            items, lambda ids: {"": self(ids, method=method)}, batch_size, sort_by_length, progress, dtype
+        )[""]
+
+    @torch.no_grad()
+    def encode_with_thoughts(
+        self,
+        items: Sequence[Any],
+        thoughts: dict[str, nn.Module],
+        batch_size: int = 32,
+        progress: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings of the same LLM under several thought modules (e.g. before and after CRRL, which leaves the
+        LLM untouched): one prefix pass per batch serves them all, each adds only its 2-token suffix."""
+
+        def run(ids):
+            prefix = self.encode_prefix(ids)
+            return {name: self.embed_from_thought(prefix, m(prefix.hidden, prefix.mask)) for name, m in thoughts.items()}
+
+        return self._encode_batched(items, run, batch_size, True, progress, dtype)
+
+    def _encode_batched(self, items, run, batch_size, sort_by_length, progress, dtype) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
         was_training = self.training
         self.eval()
         ids = self.prefix_ids(items)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if sort_by_length else list(range(len(ids)))
-        out = torch.empty(len(ids), self.thought.hidden_size, dtype=torch.float32)
+        out: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         starts = range(0, len(order), batch_size)
         with autocast:
             for start in tqdm(starts, desc="embedding items", disable=not progress, unit="batch"):
                 rows = order[start : start + batch_size]
-                out[rows] = self([ids[i] for i in rows], method=method).float().cpu()
+                for name, vectors in run([ids[i] for i in rows]).items():
+                    if name not in out:
+                        out[name] = torch.empty(len(ids), vectors.shape[-1], dtype=torch.float32)
+                    out[name][rows] = vectors.float().cpu()
         self.train(was_training)
         return out
 

@@ -76,6 +76,33 @@ def write_table(
     return path
 
 
+def table_metadata(embedder: ThoughtEmbedder, source: str, use_thought: bool = True) -> dict[str, Any]:
+    """What a table file records about how its vectors were made."""
+    return {
+        "format": "reaemb-trl/table-1",
+        "source": source,
+        "backbone": embedder.backbone or "",
+        "adapter": hasattr(embedder.model, "peft_config"),
+        "thought": use_thought,
+        "pooling": embedder.pooling,
+        "prompt_format": embedder.formatter.to_dict(),
+    }
+
+
+def write_embedding_table(
+    path: str | os.PathLike, table: torch.Tensor, item_ids: Sequence[str], metadata: dict, pca: int | None = None
+) -> Path:
+    """Write a table, optionally reduced to `pca` dimensions (the projection and mean are stored with it)."""
+    metadata = {**metadata, "raw_dimension": table.shape[1]}
+    extra = None
+    if pca:
+        components, mean = pca_fit(table, pca)
+        table = (table - mean) @ components.T
+        extra = {"pca_components": components, "pca_mean": mean}
+        metadata["pca"] = pca
+    return write_table(path, table, item_ids, metadata, extra)
+
+
 def export_table(
     embedder: ThoughtEmbedder,
     items: Sequence[dict],
@@ -91,7 +118,6 @@ def export_table(
     """Encode `items` (dicts with `item_id` and `attributes`) and write the table to `output`.
 
     `use_thought=False` is the no-fine-tuning baseline: the same prompt and pooling, without a thought vector."""
-    ids = [str(item["item_id"]) for item in items]
     table = embedder.encode(
         [item["attributes"] for item in items],
         batch_size=batch_size,
@@ -99,20 +125,31 @@ def export_table(
         progress=progress,
         dtype=resolve_dtype(dtype, embedder.device),
     )
-    metadata = {
-        "format": "reaemb-trl/table-1",
-        "source": source,
-        "backbone": embedder.backbone or "",
-        "adapter": hasattr(embedder.model, "peft_config"),
-        "thought": use_thought,
-        "pooling": embedder.pooling,
-        "prompt_format": embedder.formatter.to_dict(),
-        "raw_dimension": table.shape[1],
+    ids = [str(item["item_id"]) for item in items]
+    return write_embedding_table(output, table, ids, table_metadata(embedder, source, use_thought), pca)
+
+
+def export_thought_variants(
+    embedder: ThoughtEmbedder,
+    items: Sequence[dict],
+    outputs: dict[str, tuple[str | os.PathLike, torch.nn.Module, str]],
+    *,
+    batch_size: int = 64,
+    pca: int | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Several tables of one LLM under different thought modules ({name: (output, module, source)}), e.g. LRCL
+    and LRCL+CRRL: the prefix pass is shared, each module adds only its 2-token suffix."""
+    tables = embedder.encode_with_thoughts(
+        [item["attributes"] for item in items],
+        {name: module for name, (_, module, _) in outputs.items()},
+        batch_size=batch_size,
+        progress=progress,
+        dtype=resolve_dtype(dtype, embedder.device),
+    )
+    ids = [str(item["item_id"]) for item in items]
+    return {
+        name: write_embedding_table(path, tables[name], ids, table_metadata(embedder, source), pca)
+        for name, (path, _, source) in outputs.items()
     }
-    extra = None
-    if pca:
-        components, mean = pca_fit(table, pca)
-        table = (table - mean) @ components.T
-        extra = {"pca_components": components, "pca_mean": mean}
-        metadata["pca"] = pca
-    return write_table(output, table, ids, metadata, extra)

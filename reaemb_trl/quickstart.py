@@ -43,8 +43,12 @@ class QuickstartSettings:
     export_batch: int = 32
     eval_model: str = "sasrec"
     eval_seeds: int = 3
-    eval_max_epochs: int = 60
-    eval_patience: int = 10
+    eval_max_epochs: int = 40
+    eval_patience: int = 5
+    # Shorter sequences and smaller batches than the full protocol (200, 1024): several updates per epoch,
+    # so SASRec converges within the CPU time budget. `reaemb evaluate` runs the full protocol.
+    eval_max_len: int = 50
+    eval_batch_size: int = 128
     bf16: bool | None = None  # None: where the hardware runs it fast
     extra: dict = field(default_factory=dict)
 
@@ -98,6 +102,20 @@ def _common_training_args(settings: QuickstartSettings, folder: Path, steps: int
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=5,
     )
+
+
+def _same_adapter(first: Path, second: Path) -> bool:
+    """Whether two checkpoints carry the same LoRA weights (CRRL trains only the thought module by default)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from reaemb_trl.files import ADAPTER_DIR
+
+    files = [folder / ADAPTER_DIR / "adapter_model.safetensors" for folder in (first, second)]
+    if not all(f.exists() for f in files):
+        return not any(f.exists() for f in files)
+    a, b = (load_file(f) for f in files)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
@@ -162,9 +180,14 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         return {"first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None}
 
     def stage_export():
+        import copy
+
+        from safetensors.torch import load_file
+
         from reaemb_trl.data.canonical import read_items
         from reaemb_trl.embedder import ThoughtEmbedder
-        from reaemb_trl.export import export_table
+        from reaemb_trl.export import export_table, export_thought_variants
+        from reaemb_trl.files import THOUGHT_FILE
         from reaemb_trl.prompt import ItemPromptFormatter
 
         items = read_items(data)
@@ -173,10 +196,20 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=formatter).to(settings.device)
         export_table(raw, items, tables / "raw.safetensors", source=settings.backbone, use_thought=False,
                      batch_size=settings.export_batch)
-        for name in ("lrcl", "crrl"):
-            embedder = ThoughtEmbedder.from_pretrained(out / name, device=settings.device)
-            export_table(embedder, items, tables / f"{name}.safetensors", source=str(out / name),
-                         batch_size=settings.export_batch)
+        del raw
+        crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
+        if _same_adapter(out / "lrcl", out / "crrl"):  # CRRL left the LLM as LRCL trained it: share its passes
+            lrcl_thought = copy.deepcopy(crrl.thought)
+            lrcl_thought.load_state_dict(load_file(out / "lrcl" / THOUGHT_FILE))
+            export_thought_variants(crrl, items, {
+                "lrcl": (tables / "lrcl.safetensors", lrcl_thought, str(out / "lrcl")),
+                "crrl": (tables / "crrl.safetensors", crrl.thought, str(out / "crrl")),
+            }, batch_size=settings.export_batch)  # fmt: skip
+        else:
+            lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)
+            for name, embedder in (("lrcl", lrcl), ("crrl", crrl)):
+                export_table(embedder, items, tables / f"{name}.safetensors", source=str(out / name),
+                             batch_size=settings.export_batch)
         return {"items": len(items)}
 
     def stage_evaluate():
@@ -184,7 +217,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         from reaemb_trl.evaluation.trainer import EvalConfig, compare_tables
 
         config = EvalConfig(model=settings.eval_model, max_epochs=settings.eval_max_epochs,
-                            patience=settings.eval_patience, device=settings.device)
+                            patience=settings.eval_patience, max_len=settings.eval_max_len,
+                            batch_size=settings.eval_batch_size, device=settings.device)
         tables = ["id"] + [str(out / "tables" / f"{name}.safetensors") for name in TABLES]
         results = compare_tables(data, tables, settings.eval_seeds, config)
         write_report(results, out / "eval")
@@ -208,7 +242,7 @@ def quickstart_command(
     lrcl_steps: int = typer_option(60, "--lrcl-steps", "LRCL training steps."),
     crrl_steps: int = typer_option(100, "--crrl-steps", "CRRL training steps."),
     eval_seeds: int = typer_option(3, "--seeds", "Seeds per table in the downstream evaluation."),
-    eval_max_epochs: int = typer_option(60, "--eval-max-epochs", "Max SASRec epochs per run (early stopping on)."),
+    eval_max_epochs: int = typer_option(40, "--eval-max-epochs", "Max SASRec epochs per run (early stopping on)."),
 ) -> None:
     """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with ID vs each table."""
     from reaemb_trl.evaluation.report import render_markdown
