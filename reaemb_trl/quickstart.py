@@ -33,8 +33,8 @@ class QuickstartSettings:
     device: str = "cpu"
     seed: int = 42
     max_prompt_length: int = 96
-    lrcl_steps: int = 60
-    lrcl_batch: int = 16
+    lrcl_steps: int = 40
+    lrcl_batch: int = 12
     lrcl_learning_rate: float = 2e-4
     crrl_steps: int = 100
     crrl_items_per_step: int = 4
@@ -43,7 +43,7 @@ class QuickstartSettings:
     export_batch: int = 32
     eval_model: str = "sasrec"
     eval_seeds: int = 3
-    eval_max_epochs: int = 40
+    eval_max_epochs: int = 30
     eval_patience: int = 5
     # Shorter sequences and smaller batches than the full protocol (200, 1024): several updates per epoch,
     # so SASRec converges within the CPU time budget. `reaemb evaluate` runs the full protocol.
@@ -239,10 +239,10 @@ def quickstart_command(
     backbone: str = typer_option("smollm2", "--backbone", "Backbone: `smollm2` (embedded), a hub id or a folder."),
     dataset: str = typer_option("ml-100k", "--dataset", "`ml-100k` (embedded) or a canonical dataset folder."),
     device: str = typer_option("cpu", "--device", "cpu or cuda (training, export and evaluation)."),
-    lrcl_steps: int = typer_option(60, "--lrcl-steps", "LRCL training steps."),
+    lrcl_steps: int = typer_option(40, "--lrcl-steps", "LRCL training steps."),
     crrl_steps: int = typer_option(100, "--crrl-steps", "CRRL training steps."),
     eval_seeds: int = typer_option(3, "--seeds", "Seeds per table in the downstream evaluation."),
-    eval_max_epochs: int = typer_option(40, "--eval-max-epochs", "Max SASRec epochs per run (early stopping on)."),
+    eval_max_epochs: int = typer_option(30, "--eval-max-epochs", "Max SASRec epochs per run (early stopping on)."),
 ) -> None:
     """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with ID vs each table."""
     from reaemb_trl.evaluation.report import render_markdown
