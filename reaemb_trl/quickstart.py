@@ -41,6 +41,9 @@ class QuickstartSettings:
     crrl_generations: int = 8
     crrl_learning_rate: float = 1e-4
     export_batch: int = 32
+    # Centred PCA (the paper reduces to 512): mean-pooled LLM states share one large direction that a small
+    # adapter cannot see past; on MovieLens-100k it lifts the LLM tables' SASRec NDCG@10 about 5x.
+    export_pca: int | None = 128
     eval_model: str = "sasrec"
     eval_seeds: int = 3
     eval_max_epochs: int = 30
@@ -195,7 +198,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         formatter = ItemPromptFormatter.load(out / "lrcl")  # the raw baseline gets the same prompt
         raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=formatter).to(settings.device)
         export_table(raw, items, tables / "raw.safetensors", source=settings.backbone, use_thought=False,
-                     batch_size=settings.export_batch)
+                     batch_size=settings.export_batch, pca=settings.export_pca)
         del raw
         crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
         if _same_adapter(out / "lrcl", out / "crrl"):  # CRRL left the LLM as LRCL trained it: share its passes
@@ -204,12 +207,12 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
             export_thought_variants(crrl, items, {
                 "lrcl": (tables / "lrcl.safetensors", lrcl_thought, str(out / "lrcl")),
                 "crrl": (tables / "crrl.safetensors", crrl.thought, str(out / "crrl")),
-            }, batch_size=settings.export_batch)  # fmt: skip
+            }, batch_size=settings.export_batch, pca=settings.export_pca)  # fmt: skip
         else:
             lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)
             for name, embedder in (("lrcl", lrcl), ("crrl", crrl)):
                 export_table(embedder, items, tables / f"{name}.safetensors", source=str(out / name),
-                             batch_size=settings.export_batch)
+                             batch_size=settings.export_batch, pca=settings.export_pca)
         return {"items": len(items)}
 
     def stage_evaluate():

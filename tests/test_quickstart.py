@@ -18,6 +18,7 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys):
         crrl_items_per_step=2,
         crrl_generations=4,
         export_batch=16,
+        export_pca=8,
         eval_seeds=1,
         eval_max_epochs=2,
         eval_patience=2,
@@ -39,6 +40,10 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys):
     missing = [p for p in expected if not (out / p).is_file()]
     assert not missing, missing
     assert any((out / "lrcl" / "runs").rglob("events.out.tfevents.*")), "LRCL logs to tensorboard"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "tables" / "crrl.safetensors"), "pt") as table:
+        assert table.get_tensor("embeddings").shape == (48, 8) and table.metadata()["pca"] == "8"
     lrcl_stage = json.loads((out / ".stages" / "lrcl.json").read_text())
     assert lrcl_stage["first_loss"] is not None and lrcl_stage["seconds"] >= 0
 
