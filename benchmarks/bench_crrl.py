@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
-
 from common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed
 
 

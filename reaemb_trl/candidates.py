@@ -108,7 +108,7 @@ class CooccurrenceCandidates:
             train = [index[s] for s in map(str, training_prefix(list(seq), holdout)) if s in index]
             users.extend([u] * len(train))
             items.extend(train)
-        num_items, num_users = len(universe), len(sequences)
+        num_users = len(sequences)
         users_a = np.asarray(users, dtype=np.int64)
         items_a = np.asarray(items, dtype=np.int64)
         return cls.from_arrays(users_a, items_a, universe, num_users, candidate_num=candidate_num, pos_num=pos_num, seed=seed)

@@ -26,7 +26,6 @@ import os
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,7 +40,7 @@ from trl.trainer.utils import disable_dropout_in_model, identity, nanstd
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.embedder import ADAPTER_DIR, PrefixStates, ThoughtEmbedder, save_wrapped_embedder
+from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
 from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name, similarity_matrix
@@ -125,7 +124,7 @@ def compute_advantages(
         std = nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
         advantages = (summed - torch.nanmean(summed)) / (std + 1e-4)
     else:
-        raise ValueError(f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'")
+        raise ValueError("multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'")
     is_std_zero = torch.isclose(std, torch.zeros_like(std))
     return torch.nan_to_num(advantages, nan=0.0), rewards, is_std_zero
 
@@ -214,14 +213,7 @@ class CRRLPolicy(nn.Module):
         save_wrapped_embedder(self, folder, state_dict)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        self.embedder.load_thought_state(folder)
-        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
-        if self.train_lora and adapter_file.exists():
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.embedder.model, load_file(adapter_file))
+        self.embedder.load_trained_state(folder, adapter=self.train_lora)
 
 
 def load_crrl_embedder(model: ThoughtEmbedder | str | os.PathLike | None, args: CRRLConfig) -> ThoughtEmbedder:

@@ -434,9 +434,16 @@ class ThoughtEmbedder(nn.Module):
             embedder.to(device)
         return embedder.train(is_trainable)
 
-    def load_thought_state(self, folder: str | os.PathLike) -> None:
-        """Load only the thought module's weights from a checkpoint folder (used on resume)."""
-        self.thought.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
+    def load_trained_state(self, folder: str | os.PathLike, adapter: bool = True) -> None:
+        """Load the trained weights of a checkpoint folder into this embedder (used when resuming): the thought
+        module, and the LoRA adapter when `adapter` and the folder has one."""
+        from peft import set_peft_model_state_dict
+
+        folder = Path(folder)
+        self.thought.load_state_dict(load_file(folder / THOUGHT_FILE))
+        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        if adapter and adapter_file.exists():
+            set_peft_model_state_dict(self.model, load_file(adapter_file))
 
 
 def save_wrapped_embedder(wrapper: nn.Module, folder: str | os.PathLike, state_dict: dict | None) -> dict | None:

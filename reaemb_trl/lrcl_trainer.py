@@ -16,7 +16,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import set_seed
 
-from reaemb_trl.embedder import ADAPTER_DIR, ThoughtEmbedder, save_wrapped_embedder
+from reaemb_trl.embedder import ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
 from reaemb_trl.lrcl_config import LRCLConfig
@@ -149,15 +149,10 @@ class LRCLModel(nn.Module):
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore trained weights from a checkpoint folder (used when resuming)."""
-        from peft import set_peft_model_state_dict
-
-        folder = Path(folder)
-        self.embedder.load_thought_state(folder)
+        self.embedder.load_trained_state(folder)
         with torch.no_grad():
-            self.temperature.copy_(load_file(folder / TEMPERATURE_FILE)["temperature"].reshape(self.temperature.shape))
-        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
-        if adapter_file.exists():
-            set_peft_model_state_dict(self.embedder.model, load_file(adapter_file))
+            temperature = load_file(Path(folder) / TEMPERATURE_FILE)["temperature"]
+            self.temperature.copy_(temperature.reshape(self.temperature.shape))
 
 
 class LRCLTrainer(HubPushMixin, Trainer):

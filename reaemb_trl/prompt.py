@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 THOUGHT_TOKEN = "<|Thought|>"
 PROMPT_FORMAT_FILE = "prompt_format.json"

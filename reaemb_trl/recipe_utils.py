@@ -34,7 +34,7 @@ def build_crrl_trainer(data_args: DataArguments, config):
     from reaemb_trl.data.canonical import load_interactions
 
     if config.lrcl_checkpoint is None and config.model_name_or_path is None:
-        raise SystemExit("set --lrcl_checkpoint (the LRCL output folder) or --model_name_or_path")
+        raise ValueError("set lrcl_checkpoint (the LRCL output folder) or model_name_or_path in the CRRL config")
     items = load_recipe_items(data_args)
     sequences = load_interactions(resolve_dataset(data_args.dataset))
     candidates = CooccurrenceCandidates.from_sequences(
