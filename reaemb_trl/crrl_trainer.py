@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from accelerate.utils import gather, gather_object
 from torch import nn
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import set_seed
 from trl import GRPOTrainer
 from trl.trainer.base_trainer import _BaseTrainer
@@ -40,6 +39,7 @@ from trl.trainer.utils import disable_dropout_in_model, identity, nanstd
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
+from reaemb_trl.checkpointing import EmbedderCheckpointMixin
 from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
@@ -243,7 +243,7 @@ def _catalogue_from(source) -> dict[str, Any]:
     return {str(i): a for i, a in zip(ids, attrs)}
 
 
-class CRRLTrainer(HubPushMixin, GRPOTrainer):
+class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
     """GRPO on the latent thought of a `ThoughtEmbedder`; only the thought module trains (optionally LoRA too).
 
     Args:
@@ -646,13 +646,3 @@ class CRRLTrainer(HubPushMixin, GRPOTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """No LM model card: the checkpoint is an embedding model (see its reaemb_config.json)."""
         return None
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model or self.model).load_checkpoint(resume_from_checkpoint)

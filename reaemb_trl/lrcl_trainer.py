@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import set_seed
 
+from reaemb_trl.checkpointing import EmbedderCheckpointMixin
 from reaemb_trl.embedder import ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
@@ -155,7 +155,7 @@ class LRCLModel(nn.Module):
             self.temperature.copy_(temperature.reshape(self.temperature.shape))
 
 
-class LRCLTrainer(HubPushMixin, Trainer):
+class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
     """Trains `ThoughtEmbedder`s contrastively on two attribute-dropout views of each item.
 
     `train_dataset` holds items (`item_id`, `attributes`); `model` is a ThoughtEmbedder, a backbone name, or None
@@ -238,14 +238,3 @@ class LRCLTrainer(HubPushMixin, Trainer):
             for name in [n for n in names if n.startswith("eval_") == is_eval]:
                 del self._metrics[name]
         super().log(logs, start_time)
-
-    # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model or self.model).load_checkpoint(resume_from_checkpoint)
