@@ -52,23 +52,25 @@ def collate_items(rows: list[dict]) -> dict[str, list]:
     return {"item_id": [r["item_id"] for r in rows], "attributes": [r["attributes"] for r in rows]}
 
 
+def lora_config(args: LRCLConfig):
+    """The `peft.LoraConfig` that `args` describes."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+    )
+
+
 def build_embedder(args: LRCLConfig) -> ThoughtEmbedder:
     """The backbone named in `args` with a fresh thought module and (by default) a fresh LoRA adapter."""
-    lora = None
-    if args.use_lora:
-        from peft import LoraConfig
-
-        lora = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=list(args.lora_target_modules),
-        )
     embedder = ThoughtEmbedder.from_backbone(
         args.model_name_or_path,
         formatter=ItemPromptFormatter(max_length=args.max_prompt_length, max_value_chars=args.max_value_chars),
         pooling=args.pooling,
-        lora=lora,
+        lora=lora_config(args) if args.use_lora else None,
         dtype=args.model_dtype,
         quantization=args.quantization,
         attn_implementation=args.attn_implementation,
@@ -178,16 +180,7 @@ class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
                 args.model_name_or_path = model
             model = build_embedder(args)
         elif args.use_lora and not hasattr(model.model, "peft_config"):
-            from peft import LoraConfig
-
-            model.attach_lora(
-                LoraConfig(
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha,
-                    lora_dropout=args.lora_dropout,
-                    target_modules=list(args.lora_target_modules),
-                )
-            )
+            model.attach_lora(lora_config(args))
         elif not args.use_lora and not hasattr(model.model, "peft_config"):
             model.model.requires_grad_(False)
         self.embedder = model
