@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from reaemb_trl.data.cli import data_app
+from reaemb_trl.encode_cli import encode_command
 from reaemb_trl.evaluation.cli import evaluate_command
 from reaemb_trl.export_cli import export_command
 from reaemb_trl.hub import push_command
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("evaluate")(evaluate_command)
 app.command("export")(export_command)
+app.command("encode")(encode_command)
 app.command("quickstart")(quickstart_command)
 app.command("push")(push_command)
 

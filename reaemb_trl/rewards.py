@@ -28,7 +28,6 @@ Reward functions are given as callables or names: a built-in short name (`rank`,
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -116,18 +115,17 @@ class CollaborativeTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "CollaborativeTable":
-        from safetensors import safe_open
+        """Any item-table file (reaemb_trl.item_table); a missing or malformed file is a ValueError naming it."""
+        from reaemb_trl.item_table import read_table
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if "embeddings" not in f.keys() or "item_ids" not in metadata:
-                raise ValueError(f"{path}: expected tensor 'embeddings' and metadata 'item_ids' (JSON list)")
-            return cls(json.loads(metadata["item_ids"]), f.get_tensor("embeddings"))
+        table = read_table(path)
+        return cls(table.item_ids, table.embeddings)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        """Write atomically as an item-table file."""
+        from reaemb_trl.item_table import write_table
 
-        save_file({"embeddings": self.embeddings.contiguous()}, str(path), metadata={"item_ids": json.dumps(self.item_ids)})
+        write_table(path, self.embeddings, self.item_ids, {"source": "collaborative"})
 
     def rows(self, item_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, found) for ids; missing ids get index 0 and found False."""

@@ -1,4 +1,5 @@
-"""Export: the table file round-trips with ids and metadata, and no vector depends on its batch mates."""
+"""Export: the table file round-trips with ids and metadata, no vector depends on its batch mates, and the CLI's
+expected failures are one clear line."""
 
 import json
 
@@ -9,8 +10,8 @@ from typer.testing import CliRunner
 from conftest import ASSETS, save_tiny_backbone, tiny_embedder
 from reaemb_trl.cli import app
 from reaemb_trl.data.canonical import read_items
-from reaemb_trl.evaluation.tables import load_embedding_file
 from reaemb_trl.export import export_table
+from reaemb_trl.item_table import checkpoint_fingerprint, read_table
 
 
 def _metadata(path):
@@ -27,10 +28,11 @@ def test_table_round_trip_metadata_and_batch_invariance(tmp_path):
     assert json.loads(meta["item_ids"]) == [i["item_id"] for i in items]
     assert meta["dimension"] == "32" and meta["pooling"] == "mean" and json.loads(meta["adapter"]) is True
     assert json.loads(meta["prompt_format"]) == embedder.formatter.to_dict()
+    assert meta["dtype"] == "float32" and meta["fingerprint"].startswith("sha256:") and meta["source"] == "test"
     torch.testing.assert_close(_metadata(one)[1]["embeddings"], tensors["embeddings"], atol=1e-5, rtol=1e-5)
     # the evaluation reads rows by id, in any order
     shuffled_ids = [i["item_id"] for i in items][::-1]
-    torch.testing.assert_close(load_embedding_file(many, shuffled_ids), tensors["embeddings"].flip(0))
+    torch.testing.assert_close(read_table(many).aligned(shuffled_ids), tensors["embeddings"].flip(0))
 
 
 def test_sorted_fast_export_equals_unsorted_literal_path(tmp_path):
@@ -65,6 +67,7 @@ def test_export_cli_from_checkpoint_and_bare_backbone(tmp_path):
     assert result.exit_code == 0, result.output
     expected = embedder.encode([i["attributes"] for i in read_items(data)])
     torch.testing.assert_close(_metadata(out)[1]["embeddings"], expected, atol=1e-5, rtol=1e-5)
+    assert _metadata(out)[0]["fingerprint"] == checkpoint_fingerprint(tmp_path / "ckpt")
 
     backbone = save_tiny_backbone(tmp_path / "backbone")
     out = tmp_path / "raw.safetensors"
@@ -76,3 +79,40 @@ def test_export_cli_from_checkpoint_and_bare_backbone(tmp_path):
 
     bad = runner.invoke(app, ["export", "--data", data, "--output", str(out)])
     assert bad.exit_code != 0 and "exactly one of --checkpoint" in bad.output
+
+
+def _assert_clean_failure(result, *messages):
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # handled, not an unhandled exception
+    last_line = result.output.strip().splitlines()[-1]  # after the model's loading bar, if a model was loaded
+    assert "Traceback" not in result.output and last_line.startswith("error: ")
+    for message in messages:
+        assert message in last_line, result.output
+
+
+def test_export_cli_failures_are_one_clear_line(tmp_path):
+    runner = CliRunner()
+    data, out = str(ASSETS / "tiny_catalog"), str(tmp_path / "t.safetensors")
+
+    def export(*args):
+        return runner.invoke(app, ["export", "--output", out, *args])
+
+    missing = tmp_path / "missing"
+    _assert_clean_failure(export("--data", data, "--checkpoint", str(missing)), f"{missing} does not exist", "--backbone")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    _assert_clean_failure(
+        export("--data", data, "--checkpoint", str(foreign)),
+        f"{foreign} is not a reaemb-trl checkpoint (no reaemb_config.json)", "accelerate launch recipes/lrcl.py",
+    )  # fmt: skip
+    tiny_embedder().save_pretrained(tmp_path / "ckpt")
+    checkpoint = str(tmp_path / "ckpt")
+    _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint),
+                          f"{foreign} is not a canonical dataset folder (no items.jsonl)", "reaemb data convert")  # fmt: skip
+    _assert_clean_failure(export("--data", str(tmp_path / "nope"), "--checkpoint", checkpoint),
+                          f"{tmp_path / 'nope'}' is neither ml-100k nor an existing folder")  # fmt: skip
+    (foreign / "items.jsonl").write_text('{"item_id": "a", "attributes": []}\n')
+    _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint), "items.jsonl, line 1")
+    _assert_clean_failure(export("--data", data, "--checkpoint", checkpoint, "--pca", "49"), "--pca 49", "48")
+    _assert_clean_failure(export("--data", data, "--checkpoint", checkpoint, "--pca", "33"), "--pca 33", "32")
+    assert not (tmp_path / "t.safetensors").exists()
