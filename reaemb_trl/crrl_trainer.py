@@ -44,6 +44,7 @@ from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder, save_wrapped_embe
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
 from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name, similarity_matrix
+from reaemb_trl.zero3 import gathered_for_rollout
 
 
 # ---- the maths, as plain functions (tested against hand computations) ----------------------------------------------
@@ -492,7 +493,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         )
         literal = self.args.forward_method == "literal"
         # The LLM passes run under the run's mixed precision (bf16/fp16), as the policy forward does.
-        with torch.no_grad(), self.accelerator.autocast():
+        # Under ZeRO-3 the weights are gathered once per rollout: ranks make different numbers of LLM calls.
+        rollout_weights = gathered_for_rollout(self.model_wrapped, self.accelerator, self.args.ds3_gather_for_generation)
+        with torch.no_grad(), self.accelerator.autocast(), rollout_weights:
             if literal:
                 mu, z, item_emb, cand_emb, ref_mu = self._embed_literal(item_ids, candidate_ids, eps)
                 prefix_index = None

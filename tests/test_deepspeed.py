@@ -1,10 +1,11 @@
-"""LRCL under DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DeepSpeed's CPU accelerator, `DS_ACCELERATOR=cpu`).
+"""LRCL and CRRL under DeepSpeed ZeRO-2 and ZeRO-3 on CPU (DeepSpeed's CPU accelerator, `DS_ACCELERATOR=cpu`).
 
 Each case launches a small driver under `accelerate launch` with a shipped config
-(`accelerate_configs/deepspeed_zero*.yaml`, one process) or a DeepSpeed JSON config that really partitions every
-parameter (one and two processes). The driver trains the tiny backbone for a few steps, records what the *trained, live* model gives (embeddings of
-the test items, with ZeRO-3 partitions gathered) and how the parameters are held, then saves the final checkpoint
-through the recipes' `finish()`. The test then checks that the saved folder loads with
+(`accelerate_configs/deepspeed_zero*.yaml`, one and two processes) or a DeepSpeed JSON config that really
+partitions every parameter. The LRCL driver trains the tiny backbone for a few steps; the CRRL driver runs
+`recipes/crrl.py` itself from a tiny LRCL checkpoint. Both record what the *trained, live* model gives (embeddings
+of the test items, with ZeRO-3 partitions gathered) and how the parameters are held, then save the final
+checkpoint through the recipes' `finish()`. The test then checks that the saved folder loads with
 `ThoughtEmbedder.from_pretrained` into the same embeddings.
 """
 
@@ -83,9 +84,9 @@ ZERO3_NO_PERSISTENCE = {
 }  # fmt: skip
 
 
-def _launch(config: str, out: Path, processes: int) -> subprocess.CompletedProcess:
-    driver = out.parent / "driver.py"
-    driver.write_text(DRIVER)
+def _launch(config: str, out: Path, processes: int, driver: str = DRIVER, args: tuple[str, ...] = ()):
+    script = out.parent / "driver.py"
+    script.write_text(driver)
     if config.endswith(".yaml"):  # a shipped accelerate config
         topology = ["--config_file", str(REPO / "accelerate_configs" / config)]
     else:  # a DeepSpeed JSON config through accelerate's DeepSpeed plugin
@@ -93,7 +94,7 @@ def _launch(config: str, out: Path, processes: int) -> subprocess.CompletedProce
         ds_config.write_text(json.dumps(ZERO3_NO_PERSISTENCE))
         topology = ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0", str(driver), str(out)]  # fmt: skip
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0", str(script), *args]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
@@ -116,7 +117,7 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
 
     out = tmp_path / "run"
     out.mkdir()
-    _launch(config, out, processes)
+    _launch(config, out, processes, args=(str(out),))
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == stage and report["world"] == processes
     assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
@@ -147,3 +148,160 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
     exported = ThoughtEmbedder.from_pretrained(out).encode(ITEMS)
     assert torch.isfinite(exported).all()
     torch.testing.assert_close(exported, live["vectors"], rtol=1e-4, atol=1e-5)
+
+
+# ---- CRRL: recipes/crrl.py itself under accelerate launch ------------------------------------------------------------
+# The driver runs the recipe unchanged; it only wraps the recipe's `finish()` to record the live model first.
+CRRL_DRIVER = textwrap.dedent(
+    """
+    import contextlib, json, runpy, sys
+    import torch
+    sys.path.insert(0, "tests")
+    from conftest import ITEMS
+    import reaemb_trl.recipe_utils as recipe_utils
+
+    real_finish = recipe_utils.finish
+
+    def recording_finish(trainer, output_dir):
+        engine, model = trainer.model_wrapped, trainer.model
+        stage = engine.zero_optimization_stage()
+        params = dict(model.named_parameters())
+        held = {n: [p.numel(), int(getattr(p, "ds_numel", p.numel())), hasattr(p, "ds_id"), p.requires_grad]
+                for n, p in params.items()}
+        if stage == 3:
+            import deepspeed
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        else:
+            gather = contextlib.nullcontext()
+        with gather:
+            live = {n: p.detach().clone() for n, p in params.items()}
+        vectors = trainer.embedder.encode(ITEMS)  # through ZeRO-3's module hooks, on every rank
+        if trainer.accelerator.is_main_process:
+            torch.save({"vectors": vectors, "params": live}, output_dir + "/live.pt")
+            report = {"stage": stage, "optimizer": type(engine.optimizer).__name__, "held": held,
+                      "world": trainer.accelerator.num_processes,
+                      "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+            json.dump(report, open(output_dir + "/report.json", "w"))
+        real_finish(trainer, output_dir)
+
+    recipe_utils.finish = recording_finish
+    sys.argv = ["recipes/crrl.py", *sys.argv[1:]]
+    runpy.run_path("recipes/crrl.py", run_name="__main__")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def lrcl_checkpoint(tmp_path_factory) -> Path:
+    """A tiny LRCL checkpoint with a non-zero LoRA adapter, so that a frozen adapter that moved would show."""
+    from peft import LoraConfig
+
+    from reaemb_trl import ThoughtEmbedder
+
+    torch.manual_seed(0)
+    embedder = ThoughtEmbedder.from_backbone(
+        str(REPO / "tests" / "assets" / "tiny-llama"),
+        lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for name, param in embedder.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("lrcl") / "checkpoint"
+    embedder.save_pretrained(folder)
+    return folder
+
+
+def _crrl_args(lrcl: Path, out: Path, processes: int) -> tuple[str, ...]:
+    # 4 items x 4 copies per step in all: the global batch (and so the items trained on) is the same for 1 and 2
+    # processes. 4 steps = 2 rollouts x 2 policy iterations.
+    return ("--config", "recipes/configs/crrl_tiny.yaml", "--lrcl_checkpoint", str(lrcl), "--output_dir", str(out),
+            "--max_steps", "4", "--per_device_train_batch_size", str(16 // processes), "--save_strategy", "no",
+            "--disable_tqdm", "true")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config,stage,processes",
+    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero2.yaml", 2, 2),
+     ("deepspeed_zero3.yaml", 3, 2), ("zero3_no_persistence", 3, 2)],
+)  # fmt: skip
+def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_saves_a_loadable_folder(
+    tmp_path, lrcl_checkpoint, config, stage, processes
+):
+    from safetensors.torch import load_file
+
+    from reaemb_trl import ThoughtEmbedder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _launch(config, out, processes, driver=CRRL_DRIVER, args=_crrl_args(lrcl_checkpoint, out, processes))
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage"] == stage and report["world"] == processes
+    assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    assert len(report["losses"]) == 2 and all(torch.isfinite(torch.tensor(report["losses"])))
+    if stage == 3:  # every parameter, frozen LLM included, is a ZeRO-3 parameter
+        assert all(is_zero3 and full > 0 for _, full, is_zero3, _ in report["held"].values()), report["held"]
+    if config == "zero3_no_persistence":  # ... and a real partition: the local tensor is empty between steps
+        assert all(local == 0 for local, _, _, _ in report["held"].values()), report["held"]
+
+    # Only the thought module trains; every one of its tensors moved, and nothing else did (LoRA, base weights).
+    trainable = {n for n, (_, _, _, grad) in report["held"].items() if grad}
+    assert trainable and all(n.startswith("embedder.thought.") for n in trainable), trainable
+    start = {f"embedder.{n}": p for n, p in ThoughtEmbedder.from_pretrained(lrcl_checkpoint).named_parameters()}
+    live = torch.load(out / "live.pt")
+    assert set(live["params"]) == set(start)
+    assert any("lora_B" in n for n in start)
+    for name, value in live["params"].items():
+        same = torch.equal(value.reshape(-1), start[name].reshape(-1))
+        assert same != (name in trainable), f"{name}: {'unchanged' if same else 'changed'}"
+
+    saved = load_file(out / "thought_module.safetensors")
+    assert {f"embedder.thought.{k}" for k in saved} == trainable
+    for key, value in saved.items():
+        torch.testing.assert_close(value, live["params"][f"embedder.thought.{key}"].reshape(value.shape))
+    exported = ThoughtEmbedder.from_pretrained(out).encode(ITEMS)
+    assert torch.isfinite(exported).all()
+    torch.testing.assert_close(exported, live["vectors"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(exported, ThoughtEmbedder.from_pretrained(lrcl_checkpoint).encode(ITEMS))
+
+
+UNEVEN_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from datasets import Dataset
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.crrl_trainer import CRRLTrainer
+    from reaemb_trl.data.canonical import load_items
+
+    lrcl, out = sys.argv[1], sys.argv[2]
+    items = load_items("tests/assets/tiny_catalog")
+    ids, attrs = items["item_id"], dict(zip(items["item_id"], items["attributes"]))
+    # Rank 0 gets items 0 and 1, which share all their candidates; rank 1 gets items 2 and 3 with distinct ones.
+    # The fast rollout deduplicates prefixes per process, so the ranks run different numbers of LLM calls.
+    rows = [(ids[0], ids[10:14]), (ids[1], ids[10:14]), (ids[2], ids[20:24]), (ids[3], ids[30:34])]
+    data = Dataset.from_list([{"item_id": i, "attributes": attrs[i], "candidate_ids": list(c),
+                               "positive_weights": [1.0, 0.0, 0.0, 0.0]} for i, c in rows])
+    args = CRRLConfig(output_dir=out, per_device_train_batch_size=8, num_generations=4, candidate_num=4,
+                      noise_scale=0.3, max_steps=2, save_strategy="no", report_to="none", disable_tqdm=True,
+                      embed_batch_size=2, shuffle_dataset=False, use_cpu=True, logging_steps=1)
+    trainer = CRRLTrainer(lrcl, args, train_dataset=data, catalogue=items)
+    trainer.train()
+    gen = trainer._last_generation
+    unique = len(set(gen["item_ids"]) | {c for row in gen["candidate_ids"] for c in row})
+    json.dump({"unique": unique, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+              open(f"{out}/rank{trainer.accelerator.process_index}.json", "w"))
+    trainer.accelerator.end_training()
+    """
+)
+
+
+def test_crrl_zero3_rollout_with_different_llm_call_counts_per_rank(tmp_path, lrcl_checkpoint):
+    """ZeRO-3 all-gathers a layer's shard inside its forward; ranks that run different numbers of LLM calls in a
+    rollout would pair those collectives up wrongly (gloo aborts, NCCL hangs) unless the rollout gathers once."""
+    out = tmp_path / "run"
+    out.mkdir()
+    _launch("zero3_no_persistence", out, 2, driver=UNEVEN_DRIVER, args=(str(lrcl_checkpoint), str(out)))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 6 vs 10 prefixes in chunks of 2: 3 vs 5 prefix passes
+    assert ranks[0]["unique"] != ranks[1]["unique"], ranks
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
