@@ -10,13 +10,19 @@ Two ways compute the same numbers:
 
 The fast path is also split into `encode_prefix` / `thought_vector` / `embed_from_thought`, which CRRL uses to
 share one prefix pass between all noisy copies of an item.
+
+Shared template (also exact): every prompt starts with the same tokens (system prompt, chat tokens, "Item:"). When
+the rows of a batch share a long enough common token prefix, `encode_prefix` runs it once (batch 1) and runs only
+the rest of each row against its keys/values, expanded (not copied) over the batch, so the gradient that reaches
+the shared part is the sum of the rows' contributions. The states it returns are the same as one pass over the
+whole rows: padding sits between the template and the item text, and positions count real tokens.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import os
 import shutil
 import tempfile
@@ -32,7 +38,10 @@ from reaemb_trl.files import ADAPTER_DIR, BACKBONE_DIR, CONFIG_FILE, THOUGHT_FIL
 from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
 from reaemb_trl.thought import LatentThoughtModule
 
-POOLINGS = ("mean", "last")
+# mean: all real tokens; last: the EOS state; item_mean: the item's own tokens (not the prompt template), the
+# thought and EOS.
+POOLINGS = ("mean", "last", "item_mean")
+MIN_TEMPLATE_TOKENS = 8  # a shorter common prefix is not worth its own pass
 
 
 @dataclass
@@ -43,13 +52,16 @@ class PrefixStates:
     mask: torch.Tensor  # (B, P) bool, real tokens
     lengths: torch.Tensor  # (B,) real-token counts = position of the thought token
     past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (B, heads, P, head_dim)
+    pool_mask: torch.Tensor | None = None  # (B, P) bool, prefix tokens that `item_mean` pooling counts
 
     def select(self, rows: torch.Tensor) -> "PrefixStates":
         kv = None if self.past_key_values is None else [(k[rows], v[rows]) for k, v in self.past_key_values]
-        return PrefixStates(self.hidden[rows], self.mask[rows], self.lengths[rows], kv)
+        pool = None if self.pool_mask is None else self.pool_mask[rows]
+        return PrefixStates(self.hidden[rows], self.mask[rows], self.lengths[rows], kv, pool)
 
-    def masked_sum(self) -> torch.Tensor:
-        return self.hidden.masked_fill(~self.mask.unsqueeze(-1), 0.0).sum(1)
+    def masked_sum(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.mask if mask is None else mask
+        return self.hidden.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)
 
 
 def pad_ids(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +83,24 @@ def real_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix that every sequence starts with."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+def span_mask(mask: torch.Tensor, spans: torch.Tensor, tail: int) -> torch.Tensor:
+    """(B, L) true for real tokens whose real-token index lies in spans[b] = [start, end), or among the row's last
+    `tail` real tokens. Works for any padding layout."""
+    index = mask.long().cumsum(-1) - 1
+    length = mask.sum(-1, keepdim=True)
+    inside = (index >= spans[:, :1]) & (index < spans[:, 1:])
+    return mask & (inside | (index >= length - tail))
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The transformer body (no LM head) of a causal LM, through a peft wrapper if there is one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -89,10 +119,16 @@ class ThoughtEmbedder(nn.Module):
         pooling: str = "mean",
         backbone: str | None = None,
         rope_base: float = 1000.0,
+        share_template: bool | None = None,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        # None: share the common template of a batch wherever that is exact (not while dropout is live: a shared
+        # template would get one dropout mask for all rows). True: share even then. False: never share.
+        self.share_template = share_template
+        self._template_memo: dict | None = None  # set inside `reuse_template_states()`
+        self._template_only: tuple | None = None  # (formatter fields, tokenizer id, template-only ids)
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or ItemPromptFormatter()
@@ -155,26 +191,114 @@ class ThoughtEmbedder(nn.Module):
         """Token ids before the thought token for each item's attributes."""
         return [self.formatter.prefix_ids(attrs, self.tokenizer) for attrs in items]
 
+    def item_spans(self, prefix_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, 2) [start, end) of each item's own tokens in its prefix ids (see `ItemPromptFormatter.item_span`).
+        Depends on the item and the prompt format only, never on the batch."""
+        key = (tuple(self.formatter.to_dict().items()), id(self.tokenizer))
+        if self._template_only is None or self._template_only[:2] != key:
+            self._template_only = (*key, self.formatter.template_ids(self.tokenizer))
+        template = self._template_only[2]
+        spans = [self.formatter.item_span(ids, self.tokenizer, template) for ids in prefix_ids]
+        return torch.tensor(spans, dtype=torch.long, device=self.device).view(-1, 2)
+
     @property
     def device(self) -> torch.device:
         return self.thought.q_proj.weight.device
 
     # ---- fast path --------------------------------------------------------------------------------------------
+    def _llm_state(self) -> tuple[bool, bool]:
+        """(sharded, stochastic): whether the weights are sharded (DeepSpeed ZeRO-3, FSDP), and whether the LLM
+        runs dropout now (LoRA or attention dropout in training mode)."""
+        if any(hasattr(p, "ds_numel") for p in self.model.parameters()):
+            return True, False
+        stochastic = self.model.training and bool(getattr(self.model.config.get_text_config(), "attention_dropout", 0))
+        for m in self.model.modules():
+            if type(m).__name__.startswith(("FSDP", "FullyShardedDataParallel")):
+                return True, stochastic
+            stochastic = stochastic or (isinstance(m, nn.Dropout) and m.p > 0 and m.training)
+        return False, stochastic
+
+    def template_length(self, prefix_ids: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens `encode_prefix` runs once for the whole batch (0: none).
+
+        The batch's longest common token prefix (so BPE merges at the template/item boundary cannot matter), leaving
+        every row at least one token of its own; 0 for a single row, a prefix under MIN_TEMPLATE_TOKENS, while
+        dropout is live and `share_template` is not True, and with sharded weights (each forward gathers them
+        collectively, and whether a batch shares could differ between processes)."""
+        if len(prefix_ids) < 2 or self.share_template is False:
+            return 0
+        sharded, stochastic = self._llm_state()
+        if sharded or (stochastic and self.share_template is None):
+            return 0
+        shared = min(common_prefix_length(prefix_ids), min(len(p) for p in prefix_ids) - 1)
+        return shared if shared >= MIN_TEMPLATE_TOKENS else 0
+
+    @contextmanager
+    def reuse_template_states(self):
+        """Within this block, no-grad passes keep a template's states and reuse them in later batches. Only for
+        stretches in which no weight changes (export, a frozen LLM): the states are not recomputed."""
+        previous, self._template_memo = self._template_memo, {}
+        try:
+            yield
+        finally:
+            self._template_memo = previous
+
+    def _encode_template(self, ids: list[int]):
+        """Last-layer states (1, T, d) and per-layer keys/values (1, heads, T, head_dim) of the shared template."""
+        memo = self._template_memo if not torch.is_grad_enabled() else None
+        autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
+        key = (tuple(ids), autocast, self.model.training)
+        if memo is not None and key in memo:
+            return memo[key]
+        tokens = torch.tensor([ids], device=self.device)
+        out = decoder_of(self.model)(
+            input_ids=tokens, position_ids=torch.arange(len(ids), device=self.device).unsqueeze(0), use_cache=True
+        )
+        cache = _output_cache(out)
+        if cache is None:
+            raise RuntimeError("the backbone returned no key/value cache (is gradient checkpointing on?)")
+        states = (out.last_hidden_state, [(layer.keys, layer.values) for layer in cache.layers])
+        if memo is not None:
+            memo[key] = states
+        return states
+
     def encode_prefix(
         self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left", use_cache: bool = True
     ) -> PrefixStates:
-        """One LLM pass over the prefixes (gradient follows the caller's grad mode)."""
-        ids, mask = pad_ids(prefix_ids, self.tokenizer.pad_token_id, padding_side)
+        """One LLM pass over the prefixes (gradient follows the caller's grad mode); the batch's common template
+        runs once (see the module docstring)."""
+        body = decoder_of(self.model)
+        shared = self.template_length(prefix_ids)
+        ids, mask = pad_ids([p[shared:] for p in prefix_ids], self.tokenizer.pad_token_id, padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        out = decoder_of(self.model)(
-            input_ids=ids, attention_mask=mask.long(), position_ids=real_positions(mask), use_cache=use_cache
-        )
+        if shared:
+            from transformers import DynamicCache
+
+            batch = len(prefix_ids)
+            template_hidden, template_kv = self._encode_template(list(prefix_ids[0][:shared]))
+            cache = DynamicCache(
+                ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in template_kv],
+                config=body.config,
+            )
+            positions = shared + real_positions(mask)
+            mask = torch.cat([mask.new_ones(batch, shared), mask], dim=1)
+            # The cache must be filled even when the caller wants none back: the rows attend to the template.
+            out = body(
+                input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=True,
+                **{_cache_argument(body): cache},
+            )
+            hidden = torch.cat([template_hidden.expand(batch, -1, -1), out.last_hidden_state], dim=1)
+        else:
+            positions = real_positions(mask)
+            out = body(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=use_cache)
+            hidden = out.last_hidden_state
         kv = None
         if use_cache:
             if _output_cache(out) is None:
                 raise RuntimeError("the backbone returned no key/value cache (is gradient checkpointing on?)")
             kv = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
-        return PrefixStates(out.last_hidden_state, mask, mask.sum(-1), kv)
+        pool = span_mask(mask, self.item_spans(prefix_ids), 0) if self.pooling == "item_mean" else None
+        return PrefixStates(hidden, mask, mask.sum(-1), kv, pool)
 
     def thought_vector(self, prefix: PrefixStates) -> torch.Tensor:
         """mu(x): the thought vector from the detached prefix states (pass 1 sends no gradient into the LLM)."""
@@ -204,8 +328,14 @@ class ThoughtEmbedder(nn.Module):
         states = out.last_hidden_state  # (B, 2, d)
         if self.pooling == "last":
             return states[:, -1]
-        total = prefix.masked_sum().to(states.dtype) + states.sum(1)
-        return total / (prefix.lengths + 2).unsqueeze(-1).to(states.dtype)
+        pool = prefix.mask
+        if self.pooling == "item_mean":
+            if prefix.pool_mask is None:
+                raise ValueError("item_mean pooling needs PrefixStates.pool_mask (set by encode_prefix; keep it when "
+                                 "selecting or concatenating prefix states)")
+            pool = prefix.pool_mask
+        total = prefix.masked_sum(pool).to(states.dtype) + states.sum(1)
+        return total / (pool.sum(-1) + 2).unsqueeze(-1).to(states.dtype)
 
     def embed_fast(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
         prefix = self.encode_prefix(prefix_ids, padding_side)
@@ -246,6 +376,12 @@ class ThoughtEmbedder(nn.Module):
         if self.pooling == "last":
             last = torch.where(mask, torch.arange(ids.shape[1], device=ids.device), -1).argmax(-1)
             return states[torch.arange(ids.shape[0], device=ids.device), last]
+        return self._pool_mean(states, mask, prefix_ids, tail=2)
+
+    def _pool_mean(self, states, mask, prefix_ids, tail: int) -> torch.Tensor:
+        """Mean over the real tokens (`mean`) or over the item's own tokens plus the last `tail` (`item_mean`)."""
+        if self.pooling == "item_mean":
+            mask = span_mask(mask, self.item_spans(prefix_ids), tail)
         total = states.masked_fill(~mask.unsqueeze(-1), 0.0).sum(1)
         return total / mask.sum(-1, keepdim=True).to(states.dtype)
 
@@ -254,7 +390,7 @@ class ThoughtEmbedder(nn.Module):
         prefix = self.encode_prefix([list(p) + [self.tokenizer.eos_token_id] for p in prefix_ids], use_cache=False)
         if self.pooling == "last":
             return prefix.hidden[:, -1]  # left padding: the last column is every row's EOS
-        return prefix.masked_sum() / prefix.lengths.unsqueeze(-1).to(prefix.hidden.dtype)
+        return self._pool_mean(prefix.hidden, prefix.mask, prefix_ids, tail=1)
 
     # ---- public API -------------------------------------------------------------------------------------------
     def uses_fast_path(self) -> bool:
@@ -322,7 +458,7 @@ class ThoughtEmbedder(nn.Module):
         out: dict[str, torch.Tensor] = {}
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         starts = range(0, len(order), batch_size)
-        with autocast:
+        with autocast, self.reuse_template_states():  # no weight changes while encoding
             for start in tqdm(starts, desc="embedding items", disable=not progress, unit="batch"):
                 rows = order[start : start + batch_size]
                 for name, vectors in run([ids[i] for i in rows]).items():

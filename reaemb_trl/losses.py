@@ -33,6 +33,7 @@ def contrastive_loss(
     *,
     kind: str = "soft",
     normalize: bool = False,
+    center: bool = False,
     item_ids: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """Symmetric contrastive loss between view-1 embeddings `x` and view-2 embeddings `y` (B, d).
@@ -40,16 +41,22 @@ def contrastive_loss(
     kind="soft" (ReaEmb/LLMEmb): Z = X Y^T / tau, T = softmax_rows((X X^T + Y Y^T) / (2 tau)),
     L = 1/2 mean_i [CE(Z_i, T_i) + CE((Z^T)_i, (T^T)_i)].
     kind="infonce": the same with hard targets (the matching view).
+    Similarity: the dot product by default (the paper's); `center` first subtracts the mean of all 2B rows (both
+    views), removing the direction that all LLM states share; `normalize` then makes it the cosine (use a low
+    temperature with it, e.g. 0.05: cosine logits lie in [-1/tau, 1/tau]).
     `item_ids`: rows that hold the same item are never each other's negatives.
     """
     if kind not in ("soft", "infonce"):
         raise ValueError(f"loss kind must be 'soft' or 'infonce', got {kind!r}")
     # Logits of un-normalised LLM states reach the thousands: bf16 would round them by whole units.
     with torch.autocast(x.device.type, enabled=False):
-        return _contrastive_loss_fp32(x.float(), y.float(), temperature.float(), kind, normalize, item_ids)
+        return _contrastive_loss_fp32(x.float(), y.float(), temperature.float(), kind, normalize, center, item_ids)
 
 
-def _contrastive_loss_fp32(x, y, temperature, kind, normalize, item_ids) -> dict[str, torch.Tensor]:
+def _contrastive_loss_fp32(x, y, temperature, kind, normalize, center, item_ids) -> dict[str, torch.Tensor]:
+    if center:
+        mean = torch.cat([x, y]).mean(0, keepdim=True)
+        x, y = x - mean, y - mean
     if normalize:
         x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
     tau = temperature

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from reaemb_trl.embedder import POOLINGS
+
 
 @dataclass
 class LRCLConfig(TrainingArguments):
@@ -27,7 +29,9 @@ class LRCLConfig(TrainingArguments):
         default=None, metadata={"help": "`4bit` loads the backbone in bitsandbytes nf4 for QLoRA; None for none."}
     )
     pooling: str = field(
-        default="mean", metadata={"help": "How the last hidden layer becomes the embedding: `mean` or `last`."}
+        default="mean",
+        metadata={"help": "How the last hidden layer becomes the embedding: `mean` (all tokens), `last` (EOS) or "
+                  "`item_mean` (the item's own tokens, thought and EOS: not the prompt template)."},
     )
     thought_rope_base: float = field(default=1000.0, metadata={"help": "RoPE base of the thought module's attention."})
     # ---- LoRA -------------------------------------------------------------------------------------------------
@@ -38,6 +42,11 @@ class LRCLConfig(TrainingArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Names of the linear layers that get LoRA adapters."},
+    )
+    lora_layers: int | None = field(
+        default=None,
+        metadata={"help": "LoRA on the top k decoder layers only (the layers below then run without gradient in the "
+                  "prefix pass); None: every layer (the paper's)."},
     )
     # ---- prompt -----------------------------------------------------------------------------------------------
     max_prompt_length: int = field(
@@ -54,13 +63,28 @@ class LRCLConfig(TrainingArguments):
     init_temperature: float = field(default=1.0, metadata={"help": "Initial value of the learnable temperature tau."})
     min_temperature: float = field(default=1e-3, metadata={"help": "tau is clamped at or above this value."})
     learn_temperature: bool = field(default=True, metadata={"help": "Train tau (else keep it fixed)."})
-    normalize_embeddings: bool = field(default=False, metadata={"help": "Cosine-normalise embeddings before the loss."})
+    normalize_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Cosine-normalise embeddings before the loss (pair with a low init_temperature, e.g. 0.05)."},
+    )
+    center_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Subtract the batch mean of both views' embeddings before the similarity (and before "
+                  "normalising)."},
+    )
     gather_negatives: bool = field(
         default=False, metadata={"help": "Use the other processes' rows as extra negatives (local rows keep their gradient)."}
     )
     forward_method: str = field(
         default="fast",
         metadata={"help": "`fast`: prefix pass + 2-token suffix on cached keys/values; `literal`: two full passes (same numbers)."},
+    )
+    share_template: bool | None = field(
+        default=None,
+        metadata={"help": "Run the prompt template (the batch's common token prefix) once per step instead of once per "
+                  "row (same numbers). None: wherever exact, i.e. not while LoRA dropout > 0 trains; true: also then, "
+                  "the template tokens of all rows of a step then share one dropout mask (correlated dropout noise "
+                  "across the batch, weaker regularisation on the template); false: never."},
     )
     # ---- TrainingArguments defaults that differ --------------------------------------------------------------
     learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (paper: 2e-4)."})
@@ -74,11 +98,13 @@ class LRCLConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        choices = {"pooling": ("mean", "last"), "loss_type": ("soft", "infonce"), "forward_method": ("fast", "literal")}
+        choices = {"pooling": POOLINGS, "loss_type": ("soft", "infonce"), "forward_method": ("fast", "literal")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LRCLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.view_drop_ratio < 1.0:
             raise ValueError(f"LRCLConfig.view_drop_ratio must be in [0, 1), got {self.view_drop_ratio}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"LRCLConfig.lora_layers must be None or >= 1, got {self.lora_layers}")
         if self.quantization not in (None, "4bit"):
             raise ValueError(f"LRCLConfig.quantization must be None or '4bit', got {self.quantization!r}")

@@ -52,15 +52,24 @@ def collate_items(rows: list[dict]) -> dict[str, list]:
     return {"item_id": [r["item_id"] for r in rows], "attributes": [r["attributes"] for r in rows]}
 
 
-def lora_config(args: LRCLConfig):
-    """The `peft.LoraConfig` that `args` describes."""
+def lora_config(args: LRCLConfig, model: nn.Module | None = None):
+    """The `peft.LoraConfig` that `args` describes; `model` (the backbone) is needed for `lora_layers`."""
     from peft import LoraConfig
 
+    layers = None
+    if args.lora_layers is not None:
+        if model is None:
+            raise ValueError("lora_layers needs the backbone to count its decoder layers")
+        total = model.config.get_text_config().num_hidden_layers
+        if args.lora_layers > total:
+            raise ValueError(f"lora_layers={args.lora_layers} but the backbone has {total} decoder layers")
+        layers = list(range(total - args.lora_layers, total))
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=list(args.lora_target_modules),
+        layers_to_transform=layers,
     )
 
 
@@ -70,13 +79,14 @@ def build_embedder(args: LRCLConfig) -> ThoughtEmbedder:
         args.model_name_or_path,
         formatter=ItemPromptFormatter(max_length=args.max_prompt_length, max_value_chars=args.max_value_chars),
         pooling=args.pooling,
-        lora=lora_config(args) if args.use_lora else None,
         dtype=args.model_dtype,
         quantization=args.quantization,
         attn_implementation=args.attn_implementation,
         rope_base=args.thought_rope_base,
     )
-    if not args.use_lora:
+    if args.use_lora:
+        embedder.attach_lora(lora_config(args, embedder.model))
+    else:
         embedder.model.requires_grad_(False)
     return embedder
 
@@ -106,7 +116,13 @@ class LRCLModel(nn.Module):
             item_ids = gather_objects(item_ids)
         tau = self.temperature.clamp(min=self.args.min_temperature).reshape(())
         out = contrastive_loss(
-            x, y, tau, kind=self.args.loss_type, normalize=self.args.normalize_embeddings, item_ids=list(item_ids)
+            x,
+            y,
+            tau,
+            kind=self.args.loss_type,
+            normalize=self.args.normalize_embeddings,
+            center=self.args.center_embeddings,
+            item_ids=list(item_ids),
         )
         if world > 1:
             # Every process computes the same global loss, but only its own rows carry gradient; DDP averages
@@ -180,9 +196,11 @@ class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
                 args.model_name_or_path = model
             model = build_embedder(args)
         elif args.use_lora and not hasattr(model.model, "peft_config"):
-            model.attach_lora(lora_config(args))
+            model.attach_lora(lora_config(args, model.model))
         elif not args.use_lora and not hasattr(model.model, "peft_config"):
             model.model.requires_grad_(False)
+        if args.share_template is not None:
+            model.share_template = args.share_template
         self.embedder = model
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._view_step, self._view_draws = -1, 0

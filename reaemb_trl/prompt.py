@@ -85,6 +85,24 @@ class ItemPromptFormatter:
             )
         return ids
 
+    def template_ids(self, tokenizer) -> list[int]:
+        """The prompt of an item without attributes: the template that every item's text sits in."""
+        return tokenizer(self._user_text("", tokenizer), add_special_tokens=False)["input_ids"]
+
+    def item_span(self, prefix_ids: Sequence[int], tokenizer, template: Sequence[int] | None = None) -> tuple[int, int]:
+        """[start, end) of the item's own tokens in `prefix_ids`: what is left after the longest common token prefix
+        and the longest common token suffix with `template_ids` (by ids, so a BPE merge across the boundary only
+        moves it by a token). Depends on the item and this format only."""
+        template = self.template_ids(tokenizer) if template is None else template
+        n, m = len(prefix_ids), len(template)
+        start = 0
+        while start < min(n, m) and prefix_ids[start] == template[start]:
+            start += 1
+        tail = 0
+        while tail < min(n - start, m - start) and prefix_ids[n - 1 - tail] == template[m - 1 - tail]:
+            tail += 1
+        return start, n - tail
+
     def input_ids(self, attributes: Any, tokenizer) -> list[int]:
         return self.prefix_ids(attributes, tokenizer) + self.suffix_ids(tokenizer)
 

@@ -38,6 +38,29 @@ def test_soft_loss_matches_hand_computation():
     assert set(out) >= {"loss", "loss_x_to_y", "loss_y_to_x", "temperature", "accuracy", "positive_cosine"}
 
 
+def test_centred_cosine_loss_matches_hand_computation():
+    x = [[0.5, -1.0, 2.0], [1.5, 0.25, -0.5], [-0.75, 0.5, 1.0]]
+    y = [[0.25, -0.5, 1.5], [1.0, 1.0, 0.0], [-1.0, 0.0, 0.5]]
+    rows = x + y
+    mean = [sum(r[k] for r in rows) / len(rows) for k in range(3)]
+
+    def centred_unit(v):
+        c = [a - m for a, m in zip(v, mean)]
+        norm = math.sqrt(sum(a * a for a in c))
+        return [a / norm for a in c]
+
+    expected = _hand_soft_loss([centred_unit(v) for v in x], [centred_unit(v) for v in y], 0.3)
+    out = contrastive_loss(torch.tensor(x), torch.tensor(y), torch.tensor(0.3), normalize=True, center=True)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    # centring alone: dot products of centred rows
+    plain = [[a - m for a, m in zip(v, mean)] for v in rows]
+    out = contrastive_loss(torch.tensor(x), torch.tensor(y), torch.tensor(0.7), center=True)
+    assert out["loss"].item() == pytest.approx(_hand_soft_loss(plain[:3], plain[3:], 0.7), rel=1e-5)
+    # a shift shared by all rows changes nothing once centred
+    shifted = contrastive_loss(torch.tensor(x) + 5.0, torch.tensor(y) + 5.0, torch.tensor(0.7), center=True)
+    assert shifted["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-5)
+
+
 def test_infonce_and_same_item_rows_are_never_negatives():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
     y = torch.tensor([[0.9, 0.1], [0.1, 0.9], [1.0, 0.0]])
@@ -120,3 +143,21 @@ def test_loss_falls_on_a_toy_set(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+
+
+def test_cosine_with_a_low_learnable_temperature_learns(tmp_path):
+    embedder = tiny_embedder()
+    items = load_items(ASSETS / "tiny_catalog").select(range(12))
+    args = _toy_args(tmp_path, normalize_embeddings=True, center_embeddings=True, init_temperature=0.05,
+                     max_steps=30, share_template=True)
+    trainer = LRCLTrainer(embedder, args, train_dataset=items)
+    assert embedder.share_template is True
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in history]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+    temperature = trainer.model.temperature.item()
+    assert temperature != pytest.approx(0.05, abs=1e-6) and temperature > args.min_temperature
+    assert history[-1]["temperature"] == pytest.approx(temperature, rel=0.05)
+    assert {"positive_cosine", "accuracy", "loss_x_to_y"} <= set(history[-1])
