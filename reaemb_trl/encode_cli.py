@@ -21,7 +21,7 @@ def encode_command(
 
     The model must be the one that made the table: its fingerprint and prompt format are checked against the
     table's metadata before anything is encoded."""
-    from reaemb_trl.export_cli import expected_errors, fail, load_catalogue
+    from reaemb_trl.export_cli import check_output, expected_errors, fail, load_catalogue
 
     if (checkpoint is None) == (backbone is None):
         raise typer.BadParameter("give exactly one of --checkpoint (the model that made the table) or --backbone")
@@ -29,9 +29,12 @@ def encode_command(
         from reaemb_trl.export import encode_new_items
         from reaemb_trl.item_table import read_table
 
+        check_output(output)
         catalogue = load_catalogue(items)
         model = str(checkpoint) if checkpoint is not None else _backbone_embedder(backbone, read_table(table), device)
-        path, added = encode_new_items(model, catalogue, table, output, batch_size=batch_size, dtype=dtype, device=device)
+        path, added = encode_new_items(
+            model, catalogue, table, output, batch_size=batch_size, dtype=dtype, device=device
+        )
     except expected_errors() as exc:
         fail(exc)
     if added:

@@ -244,8 +244,8 @@ def _write_tables(
     return paths
 
 
-def _check_pca(pca: int | None, num_items: int, dimension: int) -> None:
-    """Fail before encoding, not after."""
+def check_pca(pca: int | None, num_items: int, dimension: int) -> None:
+    """Fail before encoding (and before launching processes), not after."""
     if pca is not None and not 0 < pca <= min(num_items, dimension):
         raise ExportError(
             f"--pca {pca} must be between 1 and min(number of items, embedding size) = {min(num_items, dimension)}"
@@ -310,7 +310,7 @@ def export_table(
 
     `use_thought=False` is the no-fine-tuning baseline: the same prompt and pooling, without a thought vector.
     Inside a torch.distributed group every process must call it; they share the work (see the module doc)."""
-    _check_pca(pca, len(items), embedder.thought.hidden_size)
+    check_pca(pca, len(items), embedder.thought.hidden_size)
     compute_dtype = resolve_dtype(dtype, embedder.device)
     metadata = table_metadata(embedder, source, use_thought, dtype=compute_dtype)
     job = table_export_job(embedder, items, use_thought=use_thought, batch_size=batch_size, dtype=compute_dtype,
@@ -333,7 +333,7 @@ def export_thought_variants(
 ) -> dict[str, Path]:
     """Several tables of one LLM under different thought modules ({name: (output, module, source)}), e.g. LRCL
     and LRCL+CRRL: the prefix pass is shared, each module adds only its 2-token suffix."""
-    _check_pca(pca, len(items), embedder.thought.hidden_size)
+    check_pca(pca, len(items), embedder.thought.hidden_size)
     compute_dtype = resolve_dtype(dtype, embedder.device)
     modules = {name: module for name, (_, module, _) in outputs.items()}
     metadata = {

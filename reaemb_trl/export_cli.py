@@ -56,16 +56,47 @@ def load_catalogue(data: str) -> list[dict]:
     return read_items(path)
 
 
+def check_output(output: Path) -> None:
+    """Fail before any encoding when the table cannot be written there."""
+    from reaemb_trl.export import ExportError
+
+    if output.is_dir():
+        raise ExportError(f"{output} is a folder: --output takes the path of a .safetensors file to write")
+
+
 def load_backbone(backbone: str, pooling: str, formatter=None):
     """A bare-backbone embedder; ExportError when the backbone cannot be loaded."""
     from reaemb_trl.embedder import ThoughtEmbedder
-    from reaemb_trl.export import ExportError
 
     try:
         return ThoughtEmbedder.from_backbone(backbone, pooling=pooling, formatter=formatter)
     except OSError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot load backbone {backbone!r} ({first_line}): pass `smollm2`, a hub id or a model folder") from None
+        raise _backbone_error(backbone, exc) from None
+
+
+def embedding_width(checkpoint: Path | None, backbone: str | None) -> int:
+    """The model's hidden size from its config files alone (no weights), to check --pca before any work."""
+    import json
+
+    from reaemb_trl.files import CONFIG_FILE
+
+    if checkpoint is not None:
+        return int(json.loads((checkpoint / CONFIG_FILE).read_text())["hidden_size"])
+    from transformers import AutoConfig
+
+    from reaemb_trl.assets import resolve_model_path
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(backbone)).get_text_config().hidden_size
+    except OSError as exc:
+        raise _backbone_error(backbone, exc) from None
+
+
+def _backbone_error(backbone: str, exc: OSError) -> Exception:
+    from reaemb_trl.export import ExportError
+
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ExportError(f"cannot load backbone {backbone!r} ({first_line}): pass `smollm2`, a hub id or a model folder")
 
 
 @contextmanager
@@ -97,8 +128,8 @@ def launch_processes(num_processes: int, arguments: list[str], device: str) -> i
     if not device.startswith("cuda") and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_processes))  # the cores, shared out
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "reaemb_trl.export_cli", *arguments]  # fmt: skip
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", "-m", "reaemb_trl.export_cli", *arguments]  # fmt: skip
     return subprocess.run(command, env=env).returncode
 
 
@@ -118,13 +149,14 @@ def export_command(
     if (checkpoint is None) == (backbone is None):
         raise typer.BadParameter("give exactly one of --checkpoint (a trained model) or --backbone (the baseline)")
     try:
-        from reaemb_trl.export import ExportError, check_checkpoint
+        from reaemb_trl.export import check_checkpoint, check_pca
 
+        check_output(output)
         if checkpoint is not None:
             check_checkpoint(checkpoint)
         items = load_catalogue(data)
-        if pca is not None and not 0 < pca <= len(items):  # before loading a model (the width is checked later)
-            raise ExportError(f"--pca {pca} must be between 1 and the number of items, {len(items)}")
+        if pca is not None:
+            check_pca(pca, len(items), embedding_width(checkpoint, backbone))
         if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             arguments = ["--data", data, "--output", str(output), "--batch-size", str(batch_size), "--dtype", dtype,
                          "--device", device, "--pooling", pooling]  # fmt: skip

@@ -70,7 +70,8 @@ class ItemTable:
         where = self.path or "item table"
         self.item_ids = [str(i) for i in self.item_ids]
         if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.item_ids):
-            raise TableError(where, f"embeddings {tuple(self.embeddings.shape)} do not match {len(self.item_ids)} item ids")
+            shape = tuple(self.embeddings.shape)
+            raise TableError(where, f"embeddings {shape} do not match {len(self.item_ids)} item ids")
         self.embeddings = self.embeddings.float()
         duplicates = _duplicates(self.item_ids)
         if duplicates:
@@ -250,7 +251,8 @@ def _item_ids(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping
     if "item_ids" in tensors:
         ids = tensors["item_ids"]
         if ids.is_floating_point() or ids.ndim != 1:
-            raise TableError(path, f"tensor 'item_ids' must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+            problem = f"tensor 'item_ids' must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}"
+            raise TableError(path, problem)
         return [str(i) for i in ids.tolist()]
     raise TableError(
         path, "no item ids (metadata key 'item_ids' or tensor 'item_ids'); rows cannot be aligned to the dataset",

@@ -48,7 +48,8 @@ def test_appends_exactly_the_missing_items_through_the_stored_projection(tmp_pat
     grown = read_table(out)
     assert grown.item_ids == before.item_ids + added
     assert torch.equal(grown.aligned(before.item_ids), before.embeddings)  # old rows untouched
-    torch.testing.assert_close(grown.aligned(added), _expected_rows(embedder, items, before, added), atol=1e-5, rtol=1e-5)
+    expected = _expected_rows(embedder, items, before, added)
+    torch.testing.assert_close(grown.aligned(added), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(grown.pca_components, before.pca_components) and torch.equal(grown.pca_mean, before.pca_mean)
     assert grown.metadata == before.metadata
     # the same through a live embedder, written over the input table itself

@@ -98,7 +98,9 @@ def test_export_cli_failures_are_one_clear_line(tmp_path):
         return runner.invoke(app, ["export", "--output", out, *args])
 
     missing = tmp_path / "missing"
-    _assert_clean_failure(export("--data", data, "--checkpoint", str(missing)), f"{missing} does not exist", "--backbone")
+    _assert_clean_failure(
+        export("--data", data, "--checkpoint", str(missing)), f"{missing} does not exist", "--backbone"
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     _assert_clean_failure(
@@ -107,12 +109,19 @@ def test_export_cli_failures_are_one_clear_line(tmp_path):
     )  # fmt: skip
     tiny_embedder().save_pretrained(tmp_path / "ckpt")
     checkpoint = str(tmp_path / "ckpt")
-    _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint),
-                          f"{foreign} is not a canonical dataset folder (no items.jsonl)", "reaemb data convert")  # fmt: skip
+    folder_output = runner.invoke(app, ["export", "--output", str(foreign), "--data", data, "--checkpoint", checkpoint])
+    _assert_clean_failure(folder_output, f"{foreign} is a folder: --output takes the path of a .safetensors file")
+    _assert_clean_failure(
+        export("--data", str(foreign), "--checkpoint", checkpoint),
+        f"{foreign} is not a canonical dataset folder (no items.jsonl)", "reaemb data convert",
+    )  # fmt: skip
     _assert_clean_failure(export("--data", str(tmp_path / "nope"), "--checkpoint", checkpoint),
                           f"{tmp_path / 'nope'}' is neither ml-100k nor an existing folder")  # fmt: skip
     (foreign / "items.jsonl").write_text('{"item_id": "a", "attributes": []}\n')
     _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint), "items.jsonl, line 1")
-    _assert_clean_failure(export("--data", data, "--checkpoint", checkpoint, "--pca", "49"), "--pca 49", "48")
-    _assert_clean_failure(export("--data", data, "--checkpoint", checkpoint, "--pca", "33"), "--pca 33", "32")
+    # --pca is checked against the items and the model's width before any model is loaded
+    for pca, limit in (("49", "= 32"), ("33", "= 32")):
+        result = export("--data", data, "--checkpoint", checkpoint, "--pca", pca)
+        _assert_clean_failure(result, f"--pca {pca} must be between 1 and", limit)
+        assert "Loading weights" not in result.output
     assert not (tmp_path / "t.safetensors").exists()
