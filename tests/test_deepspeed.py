@@ -37,6 +37,11 @@ DRIVER = textwrap.dedent(
     from reaemb_trl import LRCLConfig, LRCLTrainer
     from reaemb_trl.data.canonical import load_items
     from reaemb_trl.recipe_utils import finish
+    def offload(engine):
+        # (optimizer state offloaded, parameters offloaded, the optimizer ZeRO wraps: DeepSpeedCPUAdam when offloaded)
+        inner = getattr(engine.optimizer, "optimizer", None)
+        devices = [getattr(c, "device", None) for c in (engine.zero_offload_optimizer(), engine.zero_offload_param())]
+        return [str(getattr(d, "value", d) or "none") for d in devices] + [type(inner).__name__]
 
     out = sys.argv[1]
     args = LRCLConfig(
@@ -66,6 +71,7 @@ DRIVER = textwrap.dedent(
     if trainer.accelerator.is_main_process:
         torch.save({"vectors": vectors, "trainable": after}, out + "/live.pt")
         report = {"stage": stage, "optimizer": type(engine.optimizer).__name__, "held": held, "changed": changed,
+                  "offload": offload(engine),
                   "n_trainable": len(trainable), "world": trainer.accelerator.num_processes,
                   "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
         json.dump(report, open(out + "/report.json", "w"))
@@ -96,17 +102,26 @@ def _launch(config: str, out: Path, processes: int, driver: str = DRIVER, args: 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0", str(script), *args]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # The offload config compiles DeepSpeed's CPUAdam op on first use (minutes on 2 cores); later runs reuse it.
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900 if "offload" in config else 300)
     if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
-        pytest.skip("DeepSpeed's CPU accelerator compiles its shm comm op on first use: needs ninja + a C++ compiler")
+        pytest.skip("DeepSpeed's CPU accelerator compiles its ops on first use: needs ninja + a C++ compiler")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
+def _check_offload(config: str, report: dict) -> None:
+    """The offload config keeps optimizer state and parameters in CPU RAM and steps with DeepSpeed's CPUAdam."""
+    if "offload" in config:
+        assert report["offload"] == ["cpu", "cpu", "DeepSpeedCPUAdam"], report["offload"]
+    else:
+        assert report["offload"][:2] == ["none", "none"], report["offload"]
+
+
 @pytest.mark.parametrize(
     "config,stage,processes",
-    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("zero3_no_persistence", 3, 1),
-     ("zero3_no_persistence", 3, 2)],
+    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1),
+     ("zero3_no_persistence", 3, 1), ("zero3_no_persistence", 3, 2)],
 )  # fmt: skip
 def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embeddings(
     tmp_path, config, stage, processes
@@ -122,6 +137,7 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
     assert report["stage"] == stage and report["world"] == processes
     assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
     assert all(torch.isfinite(torch.tensor(report["losses"]))) and len(report["losses"]) == 4
+    _check_offload(config, report)
     # every trainable tensor (LoRA A/B, thought module, tau) was updated through DeepSpeed's optimizer
     assert len(report["changed"]) == report["n_trainable"], report["changed"]
     names = list(report["held"])
@@ -162,6 +178,12 @@ CRRL_DRIVER = textwrap.dedent(
 
     real_finish = recipe_utils.finish
 
+    def offload(engine):
+        # (optimizer state offloaded, parameters offloaded, the optimizer ZeRO wraps: DeepSpeedCPUAdam when offloaded)
+        inner = getattr(engine.optimizer, "optimizer", None)
+        devices = [getattr(c, "device", None) for c in (engine.zero_offload_optimizer(), engine.zero_offload_param())]
+        return [str(getattr(d, "value", d) or "none") for d in devices] + [type(inner).__name__]
+
     def recording_finish(trainer, output_dir):
         engine, model = trainer.model_wrapped, trainer.model
         stage = engine.zero_optimization_stage()
@@ -179,7 +201,7 @@ CRRL_DRIVER = textwrap.dedent(
         if trainer.accelerator.is_main_process:
             torch.save({"vectors": vectors, "params": live}, output_dir + "/live.pt")
             report = {"stage": stage, "optimizer": type(engine.optimizer).__name__, "held": held,
-                      "world": trainer.accelerator.num_processes,
+                      "world": trainer.accelerator.num_processes, "offload": offload(engine),
                       "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
             json.dump(report, open(output_dir + "/report.json", "w"))
         real_finish(trainer, output_dir)
@@ -222,8 +244,8 @@ def _crrl_args(lrcl: Path, out: Path, processes: int) -> tuple[str, ...]:
 
 @pytest.mark.parametrize(
     "config,stage,processes",
-    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero2.yaml", 2, 2),
-     ("deepspeed_zero3.yaml", 3, 2), ("zero3_no_persistence", 3, 2)],
+    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1),
+     ("deepspeed_zero2.yaml", 2, 2), ("deepspeed_zero3.yaml", 3, 2), ("zero3_no_persistence", 3, 2)],
 )  # fmt: skip
 def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_saves_a_loadable_folder(
     tmp_path, lrcl_checkpoint, config, stage, processes
@@ -238,6 +260,7 @@ def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_sav
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == stage and report["world"] == processes
     assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
+    _check_offload(config, report)
     assert len(report["losses"]) == 2 and all(torch.isfinite(torch.tensor(report["losses"])))
     if stage == 3:  # every parameter, frozen LLM included, is a ZeRO-3 parameter
         assert all(is_zero3 and full > 0 for _, full, is_zero3, _ in report["held"].values()), report["held"]
