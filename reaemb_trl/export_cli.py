@@ -157,13 +157,13 @@ def export_command(
         items = load_catalogue(data)
         if pca is not None:
             check_pca(pca, len(items), embedding_width(checkpoint, backbone))
-        if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # this is the launcher
             arguments = ["--data", data, "--output", str(output), "--batch-size", str(batch_size), "--dtype", dtype,
                          "--device", device, "--pooling", pooling]  # fmt: skip
             arguments += ["--checkpoint", str(checkpoint)] if checkpoint is not None else ["--backbone", backbone]
             arguments += ["--pca", str(pca)] if pca is not None else []
             code = launch_processes(num_processes, arguments, device)
-            if code != 0:
+            if code != 0:  # the processes printed their own errors; this line says how to go on
                 fail(f"the {num_processes} export processes stopped with exit code {code} (their output is above); "
                      "run the same command again to reuse the parts they finished")  # fmt: skip
             return

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import ASSETS, save_tiny_backbone, tiny_embedder
 from reaemb_trl.cli import app
 from reaemb_trl.data.canonical import read_items
-from reaemb_trl.export import export_table
+from reaemb_trl.export import export_table, export_thought_variants
 from reaemb_trl.item_table import checkpoint_fingerprint, read_table
 
 
@@ -125,3 +125,25 @@ def test_export_cli_failures_are_one_clear_line(tmp_path):
         _assert_clean_failure(result, f"--pca {pca} must be between 1 and", limit)
         assert "Loading weights" not in result.output
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_thought_variants_share_the_llm_and_each_records_its_own_fingerprint(tmp_path):
+    import copy
+
+    embedder = tiny_embedder(lora=True)
+    embedder.save_pretrained(tmp_path / "crrl")
+    other = copy.deepcopy(embedder.thought)
+    with torch.no_grad():
+        other.q_proj.weight.mul_(1.5)
+    items = read_items(ASSETS / "tiny_catalog")
+    paths = export_thought_variants(embedder, items, {
+        "crrl": (tmp_path / "crrl.safetensors", embedder.thought, str(tmp_path / "crrl")),
+        "other": (tmp_path / "other.safetensors", other, "other"),
+    }, batch_size=8, pca=4, dtype="float32", progress=False)  # fmt: skip
+    crrl, changed = read_table(paths["crrl"]), read_table(paths["other"])
+    assert crrl.metadata["fingerprint"] == checkpoint_fingerprint(tmp_path / "crrl")
+    assert changed.metadata["fingerprint"] != crrl.metadata["fingerprint"] and changed.metadata["source"] == "other"
+    alone = read_table(export_table(embedder, items, tmp_path / "alone.safetensors", source="x", batch_size=8,
+                                    pca=4, dtype="float32", progress=False))  # fmt: skip
+    torch.testing.assert_close(crrl.embeddings.abs(), alone.embeddings.abs(), atol=1e-4, rtol=1e-4)  # PCA signs
+    assert not torch.allclose(changed.pca_mean, crrl.pca_mean)
