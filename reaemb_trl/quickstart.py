@@ -162,7 +162,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
 
     def stage_crrl():
         from reaemb_trl.crrl_config import CRRLConfig
-        from reaemb_trl.recipe_utils import DataArguments, build_crrl_trainer
+        from reaemb_trl.builders import DataArguments, build_crrl_trainer
 
         folder = out / "crrl"
         args = CRRLConfig(
@@ -217,7 +217,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
 
     def stage_evaluate():
         from reaemb_trl.evaluation.report import write_report
-        from reaemb_trl.evaluation.trainer import EvalConfig, compare_tables
+        from reaemb_trl.evaluation.runner import EvalConfig, compare_tables
 
         config = EvalConfig(model=settings.eval_model, max_epochs=settings.eval_max_epochs,
                             patience=settings.eval_patience, max_len=settings.eval_max_len,

@@ -9,45 +9,69 @@ import typer
 
 
 def evaluate_command(
-    data: Path = typer.Option(..., "--data", help="Canonical dataset folder."),
+    data: Path = typer.Option(..., "--data", help="Canonical dataset folder (items.jsonl + interactions.csv)."),
     model: str = typer.Option("sasrec", "--model", help="sasrec, gru4rec or bert4rec."),
-    tables: List[str] = typer.Option(["id"], "--tables", help="'id' and/or .safetensors files. Several may "
-                                     "follow one --tables (--tables id a.safetensors) or repeat the option."),
+    tables: List[str] = typer.Option(["mostpop", "id"], "--tables", help="'mostpop', 'id' and/or .safetensors "
+                                     "files. Several may follow one --tables (--tables id a.safetensors) or repeat "
+                                     "the option."),
     more_tables: Optional[List[str]] = typer.Argument(None, help="Further tables listed after --tables.",
                                                       show_default=False),
     seeds: int = typer.Option(1, "--seeds", help="Number of seeds (0..N-1) per table."),
     output: Path = typer.Option(..., "--output", help="Folder for results.json, results.md, ndcg10.png."),
+    loss: str = typer.Option("ce", "--loss", help="ce (softmax over the catalogue; sampled softmax past "
+                             "--sampled-softmax-above items) or bce (the papers': one sampled negative)."),
+    history: str = typer.Option("auto", "--history", help="exclude / keep the user's earlier items as candidates "
+                                "(training and ranking alike); auto = exclude unless some sequence repeats items."),
+    table_mode: List[str] = typer.Option(["frozen"], "--table-mode", help="For table files: frozen (+ adapter, the "
+                                         "paper's), init (trainable IDs from the table's PCA), hybrid (IDs + "
+                                         "adapter). Repeat to run each file in several modes."),
+    normalization: str = typer.Option("center_scale", "--normalization", help="What the adapter reads: "
+                                      "center_scale, whiten or none."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="Extra paired test A:B (table names, e.g. "
+                                                "crrl:lrcl); every table is always tested against id, LLM tables "
+                                                "against raw."),
     protocol: str = typer.Option("full", "--protocol", help="full (whole catalogue) or sampled (100 negatives)."),
     max_epochs: int = typer.Option(200, "--max-epochs"),
-    patience: int = typer.Option(20, "--patience", help="Epochs without validation NDCG@10 gain before stopping."),
-    batch_size: int = typer.Option(1024, "--batch-size"),
+    patience: int = typer.Option(20, "--patience", help="Validations without NDCG@10 gain before stopping."),
+    eval_every: int = typer.Option(1, "--eval-every", help="Validate every this many epochs."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Training windows per update."),
     hidden: int = typer.Option(128, "--hidden"),
     max_len: int = typer.Option(200, "--max-len"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    sampled_softmax_above: int = typer.Option(100_000, "--sampled-softmax-above", help="Catalogues larger than "
+                                              "this train with a sampled softmax (logQ-corrected)."),
+    num_sampled: int = typer.Option(8192, "--num-sampled", help="Negatives per batch of the sampled softmax."),
     tail_user: int = typer.Option(10, "--tail-user", help="Tail user: history shorter than this."),
     tail_item: int = typer.Option(20, "--tail-item", help="Tail item: fewer distinct training users than this."),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Compare item tables on a downstream sequential recommender over several seeds."""
+    """Compare item tables on a downstream sequential recommender over several seeds, with paired tests."""
     from reaemb_trl.data.errors import DataFormatError
     from reaemb_trl.evaluation.report import render_markdown, write_report
-    from reaemb_trl.evaluation.trainer import EvalConfig, compare_tables
+    from reaemb_trl.evaluation.runner import EvalConfig, compare_tables
 
-    if model not in ("sasrec", "gru4rec", "bert4rec"):
-        raise typer.BadParameter(f"unknown model {model!r}; choose sasrec, gru4rec or bert4rec")
-    if protocol not in ("full", "sampled"):
-        raise typer.BadParameter("--protocol must be full or sampled")
     specs = [t for t in list(tables) + list(more_tables or []) for t in t.split(",") if t]
     for spec in specs:
-        if spec != "id" and not Path(spec).is_file():
-            raise typer.BadParameter(f"table {spec!r} is neither 'id' nor an existing .safetensors file")
-    config = EvalConfig(model=model, protocol=protocol, max_epochs=max_epochs, patience=patience,
-                        batch_size=batch_size, hidden=hidden, max_len=max_len, tail_user_threshold=tail_user,
-                        tail_item_threshold=tail_item, device=device)
+        if spec not in ("id", "mostpop") and not Path(spec).is_file():
+            _fail(f"table {spec!r} is neither 'id', 'mostpop' nor an existing .safetensors file; write one with "
+                  "`reaemb export --data DIR --output FILE --checkpoint CKPT`")
+    if not (data / "items.jsonl").is_file() or not (data / "interactions.csv").is_file():
+        _fail(f"{data} is not a canonical dataset folder (items.jsonl + interactions.csv); make one with "
+              "`reaemb data convert --format FORMAT --input RAW --output DIR`")
     try:
-        results = compare_tables(data, specs, seeds, config)
-    except (DataFormatError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        config = EvalConfig(model=model, loss=loss, history=history, normalization=normalization, protocol=protocol,
+                            max_epochs=max_epochs, patience=patience, eval_every=eval_every, batch_size=batch_size,
+                            hidden=hidden, max_len=max_len, lr=lr, sampled_softmax_above=sampled_softmax_above,
+                            num_sampled=num_sampled, tail_user_threshold=tail_user, tail_item_threshold=tail_item,
+                            device=device)
+        results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=table_mode)
+    except (DataFormatError, ValueError, FloatingPointError) as exc:
+        _fail(str(exc))
     paths = write_report(results, output)
     typer.echo(render_markdown(results))
-    typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['ranks']}")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)

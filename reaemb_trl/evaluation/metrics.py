@@ -3,6 +3,7 @@
 Ties are ranked pessimistically: the target's rank is 1 + the number of *other* candidates scoring
 greater than *or equal to* it. A model that scores everything alike therefore gets the worst rank
 instead of a lucky one, and a model that outputs NaN-free constants cannot look good.
+A non-finite score (NaN, +inf or -inf) ranks last: a diverged model scores zero, never a perfect hit.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ def pessimistic_rank(scores, target_col):
     """scores: (B, C) tensor; target_col: (B,) long tensor of the target's column. Returns (B,) ranks >= 1."""
     import torch
 
+    scores = torch.where(torch.isfinite(scores), scores, -torch.inf)  # NaN and +inf would otherwise rank first
     target = scores.gather(1, target_col.view(-1, 1))
-    at_least = (scores >= target).sum(dim=1)  # counts the target itself once
+    at_least = (scores >= target).sum(dim=1)  # counts the target itself once; -inf targets tie with everything
     return at_least.to(torch.long)
 
 
@@ -32,7 +34,7 @@ def full_ranks(scores, targets, exclude=None):
     """
     import torch
 
-    scores = scores.clone().float()
+    scores = torch.where(torch.isfinite(scores.float()), scores.float(), -torch.inf)
     scores[:, 0] = -torch.inf
     if exclude is not None:
         keep_target = torch.zeros_like(exclude)

@@ -15,14 +15,14 @@ from torch import nn
 class _Block(nn.Module):
     """Pre-norm transformer block with an explicit boolean attention mask (True = may attend)."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float, ff_mult: int):
+    def __init__(self, hidden: int, heads: int, dropout: float, inner_size: int):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, ff_mult * hidden), nn.GELU(), nn.Dropout(dropout),
-                                nn.Linear(ff_mult * hidden, hidden))
+        self.ff = nn.Sequential(nn.Linear(hidden, inner_size), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(inner_size, hidden))
         # Dropout on residual branches only: dropout on the (B, heads, L, L) attention weights costs more
         # than the rest of the forward pass on CPU, for a regularisation the residual dropout already gives.
         self.drop = nn.Dropout(dropout)
@@ -37,7 +37,7 @@ class _Block(nn.Module):
 
 class _TransformerEncoder(nn.Module):
     def __init__(self, table: nn.Module, hidden: int, max_len: int, layers: int, heads: int, dropout: float,
-                 ff_mult: int):
+                 inner_size: int):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
@@ -45,7 +45,9 @@ class _TransformerEncoder(nn.Module):
         self.position = nn.Embedding(max_len, hidden)
         # Same scale as the item embeddings: the default N(0, 1) would drown the item signal in position noise.
         nn.init.normal_(self.position.weight, std=0.02)
-        self.blocks = nn.ModuleList(_Block(hidden, heads, dropout, ff_mult) for _ in range(layers))
+        # LayerNorm on item + position: an item table of any offset or scale enters the blocks alike.
+        self.input_norm = nn.LayerNorm(hidden)
+        self.blocks = nn.ModuleList(_Block(hidden, heads, dropout, inner_size) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
 
@@ -58,7 +60,7 @@ class _TransformerEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
         real = seq != 0
         pos = torch.arange(length, device=seq.device)
-        x = self.drop(self.embed(seq) + self.position(pos))
+        x = self.drop(self.input_norm(self.embed(seq) + self.position(pos)))
         allowed = real.unsqueeze(1).expand(b, length, length)  # key-padding mask
         if causal:
             allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
@@ -74,9 +76,9 @@ class SASRec(_TransformerEncoder):
     """Causal self-attention: the state at position t depends only on items 0..t."""
 
     def __init__(self, table: nn.Module, hidden: int = 128, max_len: int = 200, layers: int = 2, heads: int = 2,
-                 dropout: float = 0.2):
-        # Point-wise feed-forward of width `hidden`, as in the SASRec paper (4x would quadruple its cost).
-        super().__init__(table, hidden, max_len, layers, heads, dropout, ff_mult=1)
+                 dropout: float = 0.2, inner_size: int | None = None):
+        # Point-wise feed-forward of width `hidden` by default, as in the SASRec paper.
+        super().__init__(table, hidden, max_len, layers, heads, dropout, inner_size or hidden)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         return self.encode(seq, causal=True)
@@ -90,11 +92,12 @@ class GRU4Rec(nn.Module):
         super().__init__()
         self.table, self.max_len = table, max_len
         self.drop = nn.Dropout(dropout)
+        self.input_norm = nn.LayerNorm(hidden)  # as in the transformers: any table offset or scale enters alike
         self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(self.drop(self.table(seq)))
+        out, _ = self.gru(self.drop(self.input_norm(self.table(seq))))
         return self.proj(out) * (seq != 0).unsqueeze(-1).to(out.dtype)
 
 
@@ -107,8 +110,9 @@ class BERT4Rec(_TransformerEncoder):
     """
 
     def __init__(self, table: nn.Module, num_items: int, hidden: int = 128, max_len: int = 200, layers: int = 2,
-                 heads: int = 2, dropout: float = 0.2):
-        super().__init__(table, hidden, max_len, layers, heads, dropout, ff_mult=4)  # BERT-style 4x feed-forward
+                 heads: int = 2, dropout: float = 0.2, inner_size: int | None = None):
+        # BERT-style 4x feed-forward by default.
+        super().__init__(table, hidden, max_len, layers, heads, dropout, inner_size or 4 * hidden)
         self.mask_index = num_items + 1
         self.mask_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
 
@@ -142,11 +146,11 @@ MODELS = ("sasrec", "gru4rec", "bert4rec")
 
 
 def build_model(name: str, table: nn.Module, num_items: int, hidden: int = 128, max_len: int = 200,
-                layers: int = 2, heads: int = 2, dropout: float = 0.2) -> nn.Module:
+                layers: int = 2, heads: int = 2, dropout: float = 0.2, inner_size: int | None = None) -> nn.Module:
     if name == "sasrec":
-        return SASRec(table, hidden, max_len, layers, heads, dropout)
+        return SASRec(table, hidden, max_len, layers, heads, dropout, inner_size)
     if name == "gru4rec":
         return GRU4Rec(table, hidden, max_len, 1, dropout)
     if name == "bert4rec":
-        return BERT4Rec(table, num_items, hidden, max_len, layers, heads, dropout)
+        return BERT4Rec(table, num_items, hidden, max_len, layers, heads, dropout, inner_size)
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")

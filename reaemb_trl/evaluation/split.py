@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from reaemb_trl.data.canonical import RecDataset
 
 MIN_EVAL_LENGTH = 3
+HISTORY_RULES = ("auto", "exclude", "keep")
 
 
 @dataclass
@@ -30,6 +31,27 @@ class SplitData:
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def has_repeated_items(self) -> bool:
+        """Whether any user's sequence holds an item twice (re-consumption): then history must stay rankable."""
+        return any(len(set(seq)) < len(seq) for seq in self.full)
+
+    def resolve_history(self, rule: str) -> str:
+        """`exclude`, `keep`, or `auto` = exclude when no sequence repeats an item, keep otherwise."""
+        if rule not in HISTORY_RULES:
+            raise ValueError(f"history rule must be one of {HISTORY_RULES}, got {rule!r}")
+        if rule == "auto":
+            return "keep" if self.has_repeated_items else "exclude"
+        return rule
+
+    def train_interaction_counts(self) -> list[int]:
+        """Training interactions per item index (index 0 unused): MostPop's score."""
+        counts = [0] * (self.num_items + 1)
+        for seq in self.train:
+            for i in seq:
+                counts[i] += 1
+        return counts
 
     def train_popularity(self) -> list[int]:
         """Distinct training users per item index (index 0 unused)."""
@@ -55,3 +77,34 @@ def leave_one_out(dataset: RecDataset) -> SplitData:
         split.valid.append((u, ids[:-2], ids[-2]))
         split.test.append((u, ids[:-1], ids[-1]))
     return split
+
+
+@dataclass
+class Window:
+    """A slice `train[user][start:end]` of one user's training sequence; `start` items of history precede it."""
+
+    user: int
+    start: int
+    end: int
+
+
+def training_windows(train: list[list[int]], width: int, min_length: int = 2) -> list[Window]:
+    """Consecutive windows of `width` items over every training sequence, so that each epoch sees every item
+    of every sequence once as a target.
+
+    Next-item models (width = max_len + 1): windows end at n, n - max_len, n - 2 max_len, ... and overlap by one
+    item, so every transition (items[:t] -> items[t], t >= 1) is a target in exactly one window. Cloze models
+    (width = max_len, overlap 0, `step=width`): every item lies in exactly one window. Windows shorter than
+    `min_length` (nothing to predict) are dropped."""
+    step = width - 1 if min_length >= 2 else width
+    windows = []
+    for user, seq in enumerate(train):
+        end = len(seq)
+        while end > 0:
+            start = max(0, end - width)
+            if end - start >= min_length:
+                windows.append(Window(user, start, end))
+            if start == 0:
+                break
+            end -= step
+    return windows

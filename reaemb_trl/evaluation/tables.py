@@ -48,14 +48,58 @@ def load_embedding_file(path: str | Path, item_ids: Sequence[str]) -> torch.Tens
     return table[torch.tensor([row[i] for i in item_ids])].float()
 
 
-class IDTable(nn.Module):
-    """Learned item-id embeddings (the baseline)."""
+TABLE_MODES = ("frozen", "init", "hybrid")
+NORMALIZATIONS = ("center_scale", "whiten", "none")
+ID_INIT_STD = 0.02  # the ID table's initialisation (SASRec/RecBole use 0.02)
 
-    def __init__(self, num_items: int, hidden: int):
+
+def normalize_table(table: torch.Tensor, kind: str = "center_scale") -> torch.Tensor:
+    """What the adapter reads: the table centred on its mean and scaled to unit mean row norm (`center_scale`),
+    additionally PCA-whitened (`whiten`: every principal direction gets unit variance), or as is (`none`).
+
+    Computed in float64, so a table and its copy shifted by one shared vector give the same input (LLM tables share
+    a large common direction; without centring it drowns the item signal)."""
+    if kind not in NORMALIZATIONS:
+        raise ValueError(f"table normalization must be one of {NORMALIZATIONS}, got {kind!r}")
+    if kind == "none":
+        return table.float()
+    x = table.double()
+    x = x - x.mean(0)
+    if kind == "whiten":
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        keep = s > s[0] * 1e-6  # drop directions the table does not span
+        x = u[:, keep] * (x.shape[0] - 1) ** 0.5
+    return (x / x.norm(dim=1).mean().clamp_min(1e-12)).float()
+
+
+def pca_init(table: torch.Tensor, hidden: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An ID table initialised from an LLM table: its centred PCA to `hidden` dimensions, rescaled to the mean row
+    norm of the ID table's own random initialisation (so learning rates and dynamics stay those of `id`). A table
+    with fewer than `hidden` directions is padded with that random initialisation."""
+    x = normalize_table(table, "center_scale").double()
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    k = min(hidden, vh.shape[0])
+    projected = x @ vh[:k].T
+    projected = projected / projected.norm(dim=1).mean().clamp_min(1e-12)
+    if k < hidden:
+        noise = torch.randn(x.shape[0], hidden - k, generator=generator, dtype=torch.float64) * hidden**-0.5
+        projected = torch.cat([projected, noise], dim=1)
+    target_norm = ID_INIT_STD * hidden**0.5  # E||row|| of N(0, 0.02^2 I_hidden), to first order
+    return (projected * (target_norm / projected.norm(dim=1).mean())).float()
+
+
+class IDTable(nn.Module):
+    """Learned item-id embeddings (the baseline); `init` (N, hidden) replaces the random initialisation."""
+
+    def __init__(self, num_items: int, hidden: int, init: torch.Tensor | None = None):
         super().__init__()
         self.embedding = nn.Embedding(num_items + 1, hidden, padding_idx=0)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.embedding.weight, std=ID_INIT_STD)
         with torch.no_grad():
+            if init is not None:
+                if tuple(init.shape) != (num_items, hidden):
+                    raise ValueError(f"init table has shape {tuple(init.shape)}, expected {(num_items, hidden)}")
+                self.embedding.weight[1:] = init
             self.embedding.weight[0].zero_()
 
     def all_items(self) -> torch.Tensor:
@@ -66,13 +110,16 @@ class IDTable(nn.Module):
 
 
 class AdapterTable(nn.Module):
-    """A frozen (N, D) table passed through a trained MLP D -> 256 -> hidden; padding stays zero."""
+    """A frozen (N, D) table, normalised (see `normalize_table`), passed through a trained MLP D -> 256 -> hidden;
+    padding stays zero. The paper's table mode."""
 
-    def __init__(self, frozen: torch.Tensor, hidden: int, adapter_hidden: int = 256, dropout: float = 0.0):
+    def __init__(self, frozen: torch.Tensor, hidden: int, adapter_hidden: int = 256, dropout: float = 0.0,
+                 normalization: str = "center_scale"):
         super().__init__()
-        padded = torch.cat([torch.zeros(1, frozen.shape[1]), frozen.float()], dim=0)
+        normalized = normalize_table(frozen, normalization)
+        padded = torch.cat([torch.zeros(1, normalized.shape[1]), normalized], dim=0)
         self.register_buffer("frozen", padded)  # a buffer: saved and moved with the model, never trained
-        self.adapter = nn.Sequential(nn.Linear(frozen.shape[1], adapter_hidden), nn.GELU(), nn.Dropout(dropout),
+        self.adapter = nn.Sequential(nn.Linear(padded.shape[1], adapter_hidden), nn.GELU(), nn.Dropout(dropout),
                                      nn.Linear(adapter_hidden, hidden))
 
     def all_items(self) -> torch.Tensor:
@@ -84,8 +131,33 @@ class AdapterTable(nn.Module):
         return out * (idx != 0).unsqueeze(-1).to(out.dtype)
 
 
-def build_table(spec: str, item_ids: Sequence[str], hidden: int, adapter_hidden: int = 256) -> nn.Module:
-    """`spec` is "id" or a path to a .safetensors embedding file."""
+class HybridTable(nn.Module):
+    """Learned ID embeddings plus the adapter's view of a frozen LLM table (LLM-ESR-style)."""
+
+    def __init__(self, frozen: torch.Tensor, num_items: int, hidden: int, adapter_hidden: int = 256,
+                 normalization: str = "center_scale"):
+        super().__init__()
+        self.ids = IDTable(num_items, hidden)
+        self.llm = AdapterTable(frozen, hidden, adapter_hidden, normalization=normalization)
+
+    def all_items(self) -> torch.Tensor:
+        return self.ids.all_items() + self.llm.all_items()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.ids(idx) + self.llm(idx)
+
+
+def build_table(spec: str, item_ids: Sequence[str], hidden: int, adapter_hidden: int = 256, mode: str = "frozen",
+                normalization: str = "center_scale") -> nn.Module:
+    """`spec` is "id" or a path to a .safetensors embedding file, used in table `mode`:
+    frozen (adapter over the frozen table), init (trainable IDs initialised from its PCA) or hybrid (IDs + adapter)."""
     if spec == "id":
         return IDTable(len(item_ids), hidden)
-    return AdapterTable(load_embedding_file(spec, item_ids), hidden, adapter_hidden)
+    if mode not in TABLE_MODES:
+        raise ValueError(f"table mode must be one of {TABLE_MODES}, got {mode!r}")
+    table = load_embedding_file(spec, item_ids)
+    if mode == "init":
+        return IDTable(len(item_ids), hidden, init=pca_init(table, hidden))
+    if mode == "hybrid":
+        return HybridTable(table, len(item_ids), hidden, adapter_hidden, normalization)
+    return AdapterTable(table, hidden, adapter_hidden, normalization=normalization)
