@@ -7,12 +7,15 @@ Defaults are the paper's setting unless noted.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-SIMILARITIES = ("dot", "cosine")
-BASELINES = ("group", "anchor")
+SIMILARITIES = ("dot", "cosine", "centered_cosine")
+BASELINES = ("group", "anchor", "noisy")
+NOISE_SCALE_MODES = ("absolute", "relative")
+THOUGHT_TRAINABLE = ("all", "value")
 FORWARD_METHODS = ("fast", "literal")
 # With one "token" (the latent action) per row, grpo/bnpo/dr_grpo/dapo all reduce to the mean over rows.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -46,10 +49,39 @@ class CRRLConfig(GRPOConfig):
         metadata={"help": "Each user's last `holdout` items (validation and test targets) are left out of the "
                   "co-occurrence counts."},
     )
+    eval_item_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Share of the items held out of CRRL training, seeded by `eval_item_seed`; the evaluation "
+                  "loop (eval_strategy / eval_steps) scores the frozen yardstick of reaemb_trl.crrl_eval on them. "
+                  "0 trains on every item (the paper's)."},
+    )
+    eval_item_seed: int = field(
+        default=0, metadata={"help": "Seed of the held-out item choice (fixed across training seeds by default)."}
+    )
     # ---- latent action ----------------------------------------------------------------------------------------
-    noise_scale: float = field(default=0.1, metadata={"help": "sigma: z_g = mu(x) + sigma * eps_g, eps_g ~ N(0, I)."})
+    noise_scale: float = field(
+        default=0.1,
+        metadata={"help": "sigma: z_g = mu(x) + sigma * eps_g, eps_g ~ N(0, I). With noise_scale_mode=relative, "
+                  "a multiple of the RMS of mu's coordinates, per row."},
+    )
+    noise_scale_mode: str = field(
+        default="absolute",
+        metadata={"help": "`absolute`: sigma = noise_scale (the paper's); `relative`: sigma_row = noise_scale x "
+                  "||mu_row|| / sqrt(d), fixed at the rollout, so exploration follows the scale of mu (SmolLM2's "
+                  "||mu|| ~ 30: noise_scale 0.3 is ~0.4 absolute)."},
+    )
+    antithetic: bool = field(
+        default=False,
+        metadata={"help": "Noisy copies come in pairs (eps, -eps): the pair's reward difference is the "
+                  "finite-difference signal, with no noise-direction bias."},
+    )
     anchor_copy: bool = field(
         default=True, metadata={"help": "Copy 0 of each group is noise-free (z_0 = mu), the anchor."}
+    )
+    thought_trainable: str = field(
+        default="all",
+        metadata={"help": "What CRRL trains in the thought module: `all` (q, k, v projections) or `value` (only the "
+                  "value projection: the attention pattern of LRCL is kept)."},
     )
     noise_seed: int | None = field(
         default=None,
@@ -58,7 +90,20 @@ class CRRLConfig(GRPOConfig):
     )
     # ---- candidates -------------------------------------------------------------------------------------------
     candidate_num: int = field(default=10, metadata={"help": "N: candidates per item (positives + negatives)."})
-    pos_num: int = field(default=1, metadata={"help": "m: top co-occurring items used as positives."})
+    pos_num: int = field(default=1, metadata={"help": "m: top co-occurring items used as positives, weighted by score."})
+    positive_score: str = field(
+        default="count",
+        metadata={"help": "How positives are ranked: `count` (raw co-occurrence, the paper's), `cosine` (count / "
+                  "sqrt(n_a n_b)) or `lift` (count U / (n_a n_b)); the last two are popularity-normalised."},
+    )
+    min_support: int = field(
+        default=1, metadata={"help": "A positive needs at least this many co-occurrences (use 2+ with cosine/lift)."}
+    )
+    negative_sampling: str = field(
+        default="uniform",
+        metadata={"help": "`uniform` never-co-occurring negatives (the paper's) or `popularity`: matched to the "
+                  "positive's popularity, so the reward cannot be won by popularity alone."},
+    )
     negative_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the negative draws (default: `seed`); negatives are redrawn every epoch and "
@@ -71,7 +116,17 @@ class CRRLConfig(GRPOConfig):
                   "`collaborative_agreement`) or dotted paths (`my_pkg.module:fn`). Combine with `reward_weights`."},
     )
     similarity: str = field(
-        default="dot", metadata={"help": "Similarity between embeddings: `dot` (paper) or `cosine`."}
+        default="dot",
+        metadata={"help": "Similarity between embeddings: `dot` (paper), `cosine`, or `centered_cosine` (cosine "
+                  "after subtracting the catalogue's mean embedding: LLM embeddings share one large direction, so "
+                  "every pair sits at cosine ~0.99 otherwise)."},
+    )
+    reference_refresh_steps: int = field(
+        default=0,
+        metadata={"help": "0: candidates are embedded afresh in every rollout (the paper's). K > 0: candidate "
+                  "embeddings (and the catalogue mean of centered_cosine) come from a table of the whole catalogue "
+                  "under the current thought module, recomputed every K optimizer steps; rollouts then encode only "
+                  "the items, so more items fit the same time."},
     )
     reward_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the `softmax` reward (passed to every reward function)."}
@@ -83,8 +138,10 @@ class CRRLConfig(GRPOConfig):
     )
     advantage_baseline: str = field(
         default="group",
-        metadata={"help": "`group`: TRL's group mean with `scale_rewards`; `anchor`: A_g = R_g - R_0 (the "
-                  "noise-free copy's reward; needs anchor_copy)."},
+        metadata={"help": "`group`: TRL's group mean with `scale_rewards` (the paper's); `noisy`: mean (and std) of "
+                  "the noisy copies only, the anchor gets advantage 0 (its action carries no gradient, and inside "
+                  "the baseline it turns groups where only it differs into pure-noise updates); `anchor`: "
+                  "A_g = R_g - R_0 (needs anchor_copy)."},
     )
     # ---- compute ----------------------------------------------------------------------------------------------
     forward_method: str = field(
@@ -102,6 +159,11 @@ class CRRLConfig(GRPOConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})
     per_device_train_batch_size: int = field(
         default=32, metadata={"help": "Rows (noisy copies) per device per step, TRL semantics (paper: 32)."}
+    )
+    global_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per optimizer step over all processes; when set, per_device_train_batch_size = "
+                  "global / (processes x gradient_accumulation_steps), so the paper's 32 holds on any process count."},
     )
     num_generations: int | None = field(default=8, metadata={"help": "G: noisy copies per item (paper: 8)."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clipping epsilon (paper: 0.2)."})
@@ -128,12 +190,27 @@ class CRRLConfig(GRPOConfig):
     report_to: str | list[str] = field(default="none", metadata={"help": "Logging sinks (`tensorboard`, `wandb`, ...)."})
 
     def __post_init__(self):
+        if self.global_train_batch_size is not None:
+            # WORLD_SIZE is what accelerate / torchrun set for every process; 1 when run directly.
+            share = int(os.environ.get("WORLD_SIZE", "1")) * self.gradient_accumulation_steps
+            if self.global_train_batch_size % share:
+                raise ValueError(
+                    f"CRRLConfig.global_train_batch_size={self.global_train_batch_size} is not divisible by "
+                    f"processes x gradient_accumulation_steps = {share}"
+                )
+            self.per_device_train_batch_size = self.global_train_batch_size // share
         super().__post_init__()
+        from reaemb_trl.candidates import NEGATIVE_SAMPLING, POSITIVE_SCORES
+
         choices = {
             "similarity": SIMILARITIES,
             "advantage_baseline": BASELINES,
             "forward_method": FORWARD_METHODS,
             "loss_type": LOSS_TYPES,
+            "noise_scale_mode": NOISE_SCALE_MODES,
+            "thought_trainable": THOUGHT_TRAINABLE,
+            "positive_score": POSITIVE_SCORES,
+            "negative_sampling": NEGATIVE_SAMPLING,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -151,6 +228,15 @@ class CRRLConfig(GRPOConfig):
             raise ValueError(f"CRRLConfig.holdout must be >= 0, got {self.holdout}")
         if self.advantage_baseline == "anchor" and not self.anchor_copy:
             raise ValueError("CRRLConfig.advantage_baseline='anchor' needs anchor_copy=True (copy 0 is the baseline)")
+        noisy_copies = (self.num_generations or 0) - int(self.anchor_copy)
+        if self.advantage_baseline == "noisy" and noisy_copies < 2:
+            raise ValueError("CRRLConfig.advantage_baseline='noisy' needs at least 2 noisy copies per group")
+        if not 0.0 <= self.eval_item_fraction < 1.0:
+            raise ValueError(f"CRRLConfig.eval_item_fraction must be in [0, 1), got {self.eval_item_fraction}")
+        if self.reference_refresh_steps < 0:
+            raise ValueError(f"CRRLConfig.reference_refresh_steps must be >= 0, got {self.reference_refresh_steps}")
+        if self.min_support < 1:
+            raise ValueError(f"CRRLConfig.min_support must be >= 1, got {self.min_support}")
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
         if not self.reward_funcs:

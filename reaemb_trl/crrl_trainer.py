@@ -1,4 +1,4 @@
-"""CRRLTrainer: stage 2 of ReaEmb, GRPO on the latent thought (SPEC 4), as a `trl.GRPOTrainer` subclass.
+"""CRRLTrainer: stage 2 of ReaEmb, GRPO on the latent thought (docs/method.md, "CRRL"), a `trl.GRPOTrainer` subclass.
 
 The "generations" of a group are Gaussian perturbations of the thought vector: copy g of item a takes the action
 `z_g = mu_theta(x_a) + sigma * eps_g` (copy 0 noise-free when `anchor_copy`), its embedding `e_g` is the pooled LLM
@@ -8,20 +8,23 @@ output with thought z_g, and rewards score `e_g` against co-occurrence candidate
 How it hooks into GRPOTrainer (TRL 1.16):
 
 - `__init__` does NOT run `GRPOTrainer.__init__` (its tokenizer / generation / LM-head / vLLM setup assumes a
-  causal LM producing text). It sets the attributes GRPOTrainer's methods read and calls `_BaseTrainer.__init__`
-  (i.e. `transformers.Trainer`) directly. Kept from GRPOTrainer unchanged: `get_train_dataloader`,
-  `_get_train_sampler` (RepeatSampler: G consecutive copies of an item, the same order on every process),
-  `_prepare_inputs` (generation every `steps_per_generation * num_iterations` steps, `_buffered_inputs`),
-  `training_step` (step counter and timing), `compute_loss`, `prediction_step`, `log` (the `_metrics` averaging).
-- Overridden: `_generate_and_score_completions` (latent actions instead of text), `_calculate_rewards` (same
-  contract and None/NaN handling as TRL, richer keyword arguments, gathered from all processes before the
-  advantages), `_compute_loss` (Gaussian log-prob, no LLM pass), `_save` / `_load_from_checkpoint` (a
-  `ThoughtEmbedder` checkpoint folder), `create_model_card` (no LM card).
+  causal LM producing text). `_init_grpo_state` sets, in one place, the attributes that the GRPOTrainer methods
+  CRRL inherits read; `tests/test_trl_coupling.py` reads those methods' source in the installed TRL and fails,
+  naming the attribute, when one is missing. Then `_BaseTrainer.__init__` (i.e. `transformers.Trainer`) runs.
+- Kept from GRPOTrainer unchanged: `get_train_dataloader`, `_get_train_sampler` (RepeatSampler: G consecutive
+  copies of an item, the same order on every process), `_prepare_inputs` (generation every
+  `steps_per_generation * num_iterations` steps, `_buffered_inputs`), `training_step`, `compute_loss`,
+  `prediction_step`, `log` (the `_metrics` averaging).
+- Overridden: `_generate_and_score_completions` (latent actions instead of text), `_compute_loss` (Gaussian
+  log-prob, no LLM pass), `evaluate` (the frozen yardstick of `crrl_eval` when items are held out),
+  `_save` / `_load_from_checkpoint` (a `ThoughtEmbedder` checkpoint folder), `create_model_card` (no LM card).
+  Rewards are computed by `_latent_rewards` (TRL's reward contract with richer keyword arguments).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from collections import defaultdict
@@ -32,14 +35,15 @@ import numpy as np
 import torch
 from accelerate.utils import gather, gather_object
 from torch import nn
+from transformers import Trainer
 from transformers.trainer_utils import set_seed
 from trl import GRPOTrainer
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import disable_dropout_in_model, identity, nanstd
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
-from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.checkpointing import EmbedderCheckpointMixin
+from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
@@ -48,14 +52,26 @@ from reaemb_trl.zero3 import gathered_for_rollout
 
 
 # ---- the maths, as plain functions (tested against hand computations) ----------------------------------------------
-def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
-    """log pi(z | x) = -||z - mu||^2 / (2 sigma^2), per row, up to the constant -d/2 log(2 pi sigma^2)."""
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """log pi(z | x) = -||z - mu||^2 / (2 sigma^2), per row, up to a constant (sigma: a float or one per row, fixed
+    at the rollout, so -d log sigma is a constant too)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
     return -((z.float() - mu.float()) ** 2).sum(-1) / (2.0 * sigma**2)
 
 
-def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2 I) || N(mu_ref, sigma^2 I)) = ||mu - mu_ref||^2 / (2 sigma^2), per row."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=mu.device)
     return ((mu.float() - mu_ref.float()) ** 2).sum(-1) / (2.0 * sigma**2)
+
+
+def action_scale(mu: torch.Tensor, noise_scale: float, mode: str) -> torch.Tensor:
+    """sigma per row: `noise_scale` (absolute), or `noise_scale` x RMS of the row's coordinates (relative)."""
+    if mode == "absolute":
+        return torch.full((mu.shape[0],), float(noise_scale), device=mu.device)
+    if mode == "relative":
+        return noise_scale * mu.detach().float().norm(dim=-1) / mu.shape[-1] ** 0.5
+    raise ValueError(f"noise_scale_mode must be 'absolute' or 'relative', got {mode!r}")
 
 
 def clipped_policy_loss(
@@ -91,10 +107,14 @@ def compute_advantages(
     scale_rewards: str = "group",
     aggregation: str = "sum_then_normalize",
     baseline: str = "group",
+    anchor_copy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Advantages over the *global* batch (rows in group order), as GRPOTrainer computes them, or with the anchor
-    baseline A_g = R_g - R_0. Returns (advantages, weighted rewards, is_std_zero); NaN-aware like TRL: rows every
-    function scored None get advantage 0."""
+    """Advantages over the *global* batch (rows in group order). Returns (advantages, weighted rewards,
+    is_std_zero per row); NaN-aware like TRL: rows every function scored None get advantage 0.
+
+    baseline `group`: GRPOTrainer's (minus the group mean, `scale_rewards` group/batch/none); `noisy`: the same over
+    the noisy copies only (copy 0, the anchor, is left out of mean and std and gets advantage 0); `anchor`:
+    A_g = R_g - R_0."""
     weights = reward_weights.to(rewards_per_func.device).unsqueeze(0)
     unscorable = torch.isnan(rewards_per_func).all(dim=1)
     G = num_generations
@@ -104,6 +124,21 @@ def compute_advantages(
         grouped = rewards.view(-1, G)
         advantages = (grouped - grouped[:, :1]).reshape(-1)
         std = nanstd(grouped, dim=1).repeat_interleave(G) if G > 1 else torch.zeros_like(rewards)
+    elif baseline == "noisy":
+        grouped = rewards.view(-1, G)
+        first = 1 if anchor_copy else 0
+        noisy = grouped[:, first:]
+        mean = torch.nanmean(noisy, dim=1, keepdim=True)
+        spread = nanstd(noisy, dim=1).unsqueeze(1) if noisy.shape[1] > 1 else torch.zeros_like(mean)
+        if scale_rewards == "batch":
+            spread = nanstd(noisy.reshape(-1)).expand_as(spread)
+        advantages = grouped - mean
+        if scale_rewards != "none":
+            advantages = advantages / (spread + 1e-4)
+        if anchor_copy:
+            advantages[:, 0] = 0.0
+        advantages = advantages.reshape(-1)
+        std = spread.expand(-1, G).reshape(-1)
     elif aggregation == "sum_then_normalize":
         mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G)
         if scale_rewards in ("group", "none"):
@@ -132,16 +167,22 @@ def compute_advantages(
 
 def action_noise(
     seed: int, step_key: str, groups: Sequence[int], copies: Sequence[int], item_ids: Sequence[str], dim: int,
-    anchor_copy: bool = True,
+    anchor_copy: bool = True, antithetic: bool = False,
 ) -> torch.Tensor:
     """eps (rows, dim), each row drawn from its own generator keyed by (seed, step, group, copy, item id): the
-    same numbers whatever the number of processes, the batch split or the device. Copy 0 is zero with an anchor."""
+    same numbers whatever the number of processes, the batch split or the device. Copy 0 is zero with an anchor.
+    `antithetic`: noisy copies pair up, the second of a pair takes minus the first's noise (an odd one out draws
+    its own)."""
     out = torch.zeros(len(groups), dim)
+    first = 1 if anchor_copy else 0
     for row, (group, copy_idx, item) in enumerate(zip(groups, copies, item_ids)):
         if anchor_copy and copy_idx == 0:
             continue
-        generator = torch.Generator().manual_seed(stable_hash(f"{seed}|{step_key}|{group}|{copy_idx}|{item}"))
-        out[row] = torch.randn(dim, generator=generator)
+        sign, source = 1.0, copy_idx
+        if antithetic and (copy_idx - first) % 2 == 1:
+            sign, source = -1.0, copy_idx - 1
+        generator = torch.Generator().manual_seed(stable_hash(f"{seed}|{step_key}|{group}|{source}|{item}"))
+        out[row] = sign * torch.randn(dim, generator=generator)
     return out
 
 
@@ -166,11 +207,13 @@ def cat_prefix_states(parts: list[PrefixStates]) -> PrefixStates:
             (torch.cat([pad(p.past_key_values[l][0], 2) for p in parts]), torch.cat([pad(p.past_key_values[l][1], 2) for p in parts]))
             for l in range(len(parts[0].past_key_values))
         ]
+    pool = None if parts[0].pool_mask is None else torch.cat([pad(p.pool_mask, 1) for p in parts])
     return PrefixStates(
         torch.cat([pad(p.hidden, 1) for p in parts]),
         torch.cat([pad(p.mask, 1) for p in parts]),
         torch.cat([p.lengths for p in parts]),
         kv,
+        pool,
     )
 
 
@@ -244,6 +287,14 @@ def _catalogue_from(source) -> dict[str, Any]:
     return {str(i): a for i, a in zip(ids, attrs)}
 
 
+def _names_keyword(func, name: str) -> bool:
+    """Whether `func` names the keyword `name` in its signature (not merely through **kwargs)."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
     """GRPO on the latent thought of a `ThoughtEmbedder`; only the thought module trains (optionally LoRA too).
 
@@ -251,11 +302,13 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         model: a ThoughtEmbedder, a checkpoint folder (LRCL output) or None (`args.lrcl_checkpoint`).
         args: `CRRLConfig`.
         train_dataset: `datasets.Dataset` with `item_id` (and `attributes`) per item; optional columns
-            `candidate_ids` (N ids) and `positive_weights` (N floats, > 0 marks positives) fix the candidates of a
+            `candidate_ids` (N ids) and `positive_weights` (N floats, > 0 marks a positive) fix the candidates of a
             row, otherwise `candidates` draws them. Other columns are passed to the reward functions.
         candidates: a `CooccurrenceCandidates` index (positives fixed, negatives redrawn every epoch).
         catalogue: id -> attributes of every item that can be a candidate (default: the train/eval datasets).
         reward_funcs: callables or names; default `args.reward_funcs`.
+        yardstick: a `crrl_eval.CRRLYardstick`; when given, `evaluate()` scores it (on held-out items) instead of
+            running rollouts on `eval_dataset`.
     """
 
     _tag_names = ["trl", "grpo", "reaemb", "crrl"]
@@ -272,6 +325,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         reward_funcs: Sequence[Any] | Any | None = None,
         callbacks=None,
         optimizers=(None, None),
+        yardstick=None,
     ):
         args = args or CRRLConfig(output_dir="crrl-output")
         if not isinstance(args, CRRLConfig):
@@ -285,6 +339,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         for name, param in embedder.model.named_parameters():
             param.requires_grad_(bool(args.train_lora and "lora_" in name))
         embedder.thought.requires_grad_(True)
+        if args.thought_trainable == "value":  # keep LRCL's attention pattern, move only what it reads out
+            embedder.thought.q_proj.requires_grad_(False)
+            embedder.thought.k_proj.requires_grad_(False)
         llm_eval = not args.train_lora or args.disable_dropout
         if args.disable_dropout:
             disable_dropout_in_model(embedder.model)
@@ -297,6 +354,10 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         if any(isinstance(f, nn.Module) for f in self.reward_funcs):
             raise TypeError("CRRL rewards score embeddings: reward models (nn.Module) are not supported")
         self.reward_func_names = [reward_name(f) for f in self.reward_funcs]
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            if _names_keyword(func, "thoughts"):
+                warnings.warn(f"reward function {name!r} takes `thoughts`, the deprecated name of `actions` (the noisy "
+                              "latent actions z); rename the argument", DeprecationWarning, stacklevel=2)
         if args.reward_weights is not None:
             if len(args.reward_weights) != len(self.reward_funcs):
                 raise ValueError(
@@ -322,12 +383,35 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         elif eval_dataset is not None and "attributes" in getattr(eval_dataset, "column_names", []):
             self.catalogue.update(_catalogue_from(eval_dataset))
         self.catalogue.update(_catalogue_from(catalogue))
+        self.yardstick = yardstick
         self._prefix_ids_cache: dict[str, list[int]] = {}
         self._prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reference: dict[str, Any] | None = None  # catalogue table of the current thought module
+        self._rollout_global_step = -1
         self._eval_generations = 0
         self._last_generation: dict[str, Any] = {}
 
-        # ---- the attributes GRPOTrainer's kept methods read (see its __init__) ----------------------------------
+        self._init_grpo_state(args)
+        _BaseTrainer.__init__(
+            self,
+            model=CRRLPolicy(embedder, train_lora=args.train_lora, llm_eval=llm_eval),
+            args=args,
+            data_collator=identity,  # rows stay dicts, as in GRPO
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=embedder.tokenizer,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.ref_thought = None
+        if self.beta != 0.0:
+            self.ref_thought = copy.deepcopy(embedder.thought).requires_grad_(False).to(self.accelerator.device)
+
+    def _init_grpo_state(self, args: CRRLConfig) -> None:
+        """The state GRPOTrainer.__init__ would set and that the GRPOTrainer methods CRRL inherits read.
+
+        This is the one place that couples CRRL to GRPOTrainer's private attributes: when moving TRL's pin, run
+        tests/test_trl_coupling.py, which lists the attributes those methods read in the installed TRL."""
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or self.num_generations
         self.num_iterations = args.num_iterations
@@ -351,6 +435,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         self.ref_model = None
         self.use_adaptive_entropy = False
         self.entropy_coef = 0.0
+        self._last_world_entropy = None
         self._entropy_bonus_enabled = False
         self.aux_loss_enabled = False
         self.top_entropy_quantile = 1.0
@@ -369,21 +454,6 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         self._logs = {"advantages": [], "rewards": defaultdict(list), "extra": defaultdict(list)}
         self._pending_extra_logs = defaultdict(list)
         self._pending_metrics = defaultdict(list)
-
-        _BaseTrainer.__init__(
-            self,
-            model=CRRLPolicy(embedder, train_lora=args.train_lora, llm_eval=llm_eval),
-            args=args,
-            data_collator=identity,  # rows stay dicts, as in GRPO
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=embedder.tokenizer,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        self.ref_thought = None
-        if self.beta != 0.0:
-            self.ref_thought = copy.deepcopy(embedder.thought).requires_grad_(False).to(self.accelerator.device)
 
     # ---- data ---------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -414,40 +484,88 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         rows = [where[i] for i in item_ids]
         return [list(cand[r]) for r in rows], torch.as_tensor(weights[rows], dtype=torch.float32)
 
+    # ---- the catalogue table: reference candidates, the centre of centred cosine, the yardstick ----------------
+    @torch.no_grad()
+    def catalogue_table(self) -> tuple[list[str], torch.Tensor]:
+        """Noise-free embeddings of every catalogue item under the current thought module (float32, on device)."""
+        ids = list(self.catalogue)
+        policy = self.accelerator.unwrap_model(self.model)
+        training = policy.training
+        with self.accelerator.autocast(), gathered_for_rollout(self.model_wrapped, self.accelerator,
+                                                               self.args.ds3_gather_for_generation):
+            table = self.embedder.encode([self.catalogue[i] for i in ids], batch_size=self.args.embed_batch_size)
+        policy.train(training)  # encode() restores the embedder's mode; the policy keeps the frozen LLM in eval
+        return ids, table.to(self.accelerator.device)
+
+    def _needs_reference(self) -> bool:
+        return self.args.reference_refresh_steps > 0 or self.args.similarity == "centered_cosine"
+
+    def _refresh_reference(self, force: bool = False) -> None:
+        """(Re)compute the catalogue table when due: at the start, then every `reference_refresh_steps` steps."""
+        step, every = self.state.global_step, self.args.reference_refresh_steps
+        if not force and self._reference is not None and (every == 0 or step - self._reference["step"] < every):
+            return
+        ids, table = self.catalogue_table()
+        self._reference = {"step": step, "ids": ids, "row": {i: n for n, i in enumerate(ids)}, "table": table,
+                           "center": table.mean(0)}
+
+    def _similarities(self, items: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        kind = self.args.similarity
+        if kind == "centered_cosine":
+            center = self._reference["center"].to(items.device)
+            items, cands, kind = items - center, cands - center, "cosine"
+        return similarity_matrix(items, cands, kind)
+
     # ---- the latent rollout ------------------------------------------------------------------------------------
+    def _encode_prefixes(self, item_ids: list[str]) -> PrefixStates:
+        emb, chunk = self.embedder, self.args.embed_batch_size
+        return cat_prefix_states(
+            [emb.encode_prefix([self._item_prefix_ids(i) for i in item_ids[s : s + chunk]])
+             for s in range(0, len(item_ids), chunk)]
+        )
+
     @torch.no_grad()
     def _embed_fast(self, item_ids, candidate_ids, eps, mode):
         emb, chunk = self.embedder, self.args.embed_batch_size
-        unique = list(dict.fromkeys(item_ids + [c for row in candidate_ids for c in row]))
-        where = {item: i for i, item in enumerate(unique)}
-        prefix = cat_prefix_states(
-            [emb.encode_prefix([self._item_prefix_ids(i) for i in unique[s : s + chunk]]) for s in range(0, len(unique), chunk)]
-        )
-        mu_all = emb.thought_vector(prefix).float()
-        rows = torch.tensor([where[i] for i in item_ids], device=mu_all.device)
-        mu = mu_all[rows]
-        z = mu + self.args.noise_scale * eps.to(mu.device)
-        item_emb = torch.cat(
-            [emb.embed_from_thought(prefix.select(rows[s : s + chunk]), z[s : s + chunk]) for s in range(0, len(rows), chunk)]
-        ).float()
-        cand_unique = list(dict.fromkeys(c for row in candidate_ids for c in row))
-        cand_rows = torch.tensor([where[c] for c in cand_unique], device=mu_all.device)
-        cand_emb = torch.cat(
-            [emb.embed_from_thought(prefix.select(cand_rows[s : s + chunk]), mu_all[cand_rows[s : s + chunk]])
-             for s in range(0, len(cand_rows), chunk)]
-        ).float()
-        cand_where = {c: i for i, c in enumerate(cand_unique)}
-        index = torch.tensor([[cand_where[c] for c in row] for row in candidate_ids], device=cand_emb.device)
-        # Cache the item prefixes (not the candidates'): the policy loss reads them, with no LLM pass.
         item_unique = list(dict.fromkeys(item_ids))
-        item_rows = torch.tensor([where[i] for i in item_unique], device=mu_all.device)
-        self._prefix_cache[mode] = (prefix.hidden[item_rows].detach(), prefix.mask[item_rows])
+        use_reference = self.args.reference_refresh_steps > 0
+        cand_unique = [] if use_reference else [c for c in dict.fromkeys(c for r in candidate_ids for c in r)
+                                                 if c not in set(item_unique)]
+        prefix = self._encode_prefixes(item_unique + cand_unique)
+        where = {item: i for i, item in enumerate(item_unique + cand_unique)}
+        # Cache the item prefixes: the policy loss reads them, with no LLM pass. mu is computed from this cache,
+        # as the loss will compute it.
+        item_rows = torch.arange(len(item_unique), device=prefix.hidden.device)
+        hidden, mask = prefix.hidden[item_rows].detach(), prefix.mask[item_rows]
+        self._prefix_cache[mode] = (hidden, mask)
         local = {item: i for i, item in enumerate(item_unique)}
-        prefix_index = torch.tensor([local[i] for i in item_ids], device=mu_all.device)
+        prefix_index = torch.tensor([local[i] for i in item_ids], device=hidden.device)
+        mu = emb.thought(hidden[prefix_index], mask[prefix_index]).float()
+        sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode)
+        z = mu + sigma.unsqueeze(1) * eps.to(mu.device)
+        item_emb = torch.cat(
+            [emb.embed_from_thought(prefix.select(prefix_index[s : s + chunk]), z[s : s + chunk])
+             for s in range(0, len(prefix_index), chunk)]
+        ).float()
+        if use_reference:
+            ref = self._reference
+            index = torch.tensor([[ref["row"][c] for c in row] for row in candidate_ids], device=ref["table"].device)
+            cand_emb = ref["table"][index].to(item_emb.device)
+        else:
+            cand_unique = list(dict.fromkeys(c for row in candidate_ids for c in row))
+            cand_rows = torch.tensor([where[c] for c in cand_unique], device=hidden.device)
+            mu_cand = emb.thought_vector(prefix.select(cand_rows)).float()
+            cand_emb = torch.cat(
+                [emb.embed_from_thought(prefix.select(cand_rows[s : s + chunk]), mu_cand[s : s + chunk])
+                 for s in range(0, len(cand_rows), chunk)]
+            ).float()
+            cand_where = {c: i for i, c in enumerate(cand_unique)}
+            cand_emb = cand_emb[torch.tensor([[cand_where[c] for c in row] for row in candidate_ids],
+                                             device=cand_emb.device)]
         ref_mu = None
         if self.ref_thought is not None:
-            ref_mu = self.ref_thought(prefix.hidden[rows].detach(), prefix.mask[rows]).float()
-        return mu, z, item_emb, cand_emb[index], prefix_index, ref_mu
+            ref_mu = self.ref_thought(hidden[prefix_index], mask[prefix_index]).float()
+        return mu, sigma, z, item_emb, cand_emb, prefix_index, ref_mu
 
     @torch.no_grad()
     def _embed_literal(self, item_ids, candidate_ids, eps):
@@ -455,21 +573,27 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         emb, chunk = self.embedder, self.args.embed_batch_size
         ids = [self._item_prefix_ids(i) for i in item_ids]
         mu = torch.cat([emb.literal_thought(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
-        z = mu + self.args.noise_scale * eps.to(mu.device)
+        sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode)
+        z = mu + sigma.unsqueeze(1) * eps.to(mu.device)
         item_emb = torch.cat(
             [emb.literal_embed_with_thought(ids[s : s + chunk], z[s : s + chunk]) for s in range(0, len(ids), chunk)]
         ).float()
-        flat = [self._item_prefix_ids(c) for row in candidate_ids for c in row]
-        cand = []
-        for s in range(0, len(flat), chunk):
-            part = flat[s : s + chunk]
-            cand.append(emb.literal_embed_with_thought(part, emb.literal_thought(part)))
-        cand_emb = torch.cat(cand).float().view(len(item_ids), len(candidate_ids[0]), -1)
+        if self.args.reference_refresh_steps > 0:
+            ref = self._reference
+            index = torch.tensor([[ref["row"][c] for c in row] for row in candidate_ids], device=ref["table"].device)
+            cand_emb = ref["table"][index].to(item_emb.device)
+        else:
+            flat = [self._item_prefix_ids(c) for row in candidate_ids for c in row]
+            cand = []
+            for s in range(0, len(flat), chunk):
+                part = flat[s : s + chunk]
+                cand.append(emb.literal_embed_with_thought(part, emb.literal_thought(part)))
+            cand_emb = torch.cat(cand).float().view(len(item_ids), len(candidate_ids[0]), -1)
         ref_mu = None
         if self.ref_thought is not None:
             with _thought_swapped(emb, self.ref_thought):
                 ref_mu = torch.cat([emb.literal_thought(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
-        return mu, z, item_emb, cand_emb, ref_mu
+        return mu, sigma, z, item_emb, cand_emb, ref_mu
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         device = self.accelerator.device
@@ -483,26 +607,30 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         groups, copies = (global_rows // G).tolist(), (global_rows % G).tolist()
         if mode == "train":
             step_key = f"train|{self.state.global_step}|{self._step % max(1, self.args.gradient_accumulation_steps)}"
+            self._rollout_global_step = self.state.global_step
         else:
             step_key = f"eval|{self.state.global_step}|{self._eval_generations}"
             self._eval_generations += 1
+        if self._needs_reference():
+            self._refresh_reference()
         candidate_ids, positive_weights = self._row_candidates(inputs, mode)
         eps = action_noise(
             self.args.noise_seed, step_key, groups, copies, item_ids, self.embedder.thought.hidden_size,
-            anchor_copy=self.args.anchor_copy,
+            anchor_copy=self.args.anchor_copy, antithetic=self.args.antithetic,
         )
         literal = self.args.forward_method == "literal"
-        # The LLM passes run under the run's mixed precision (bf16/fp16), as the policy forward does.
+        # The LLM passes run under the run's mixed precision (bf16/fp16); the thought module always in float32.
         # Under ZeRO-3 the weights are gathered once per rollout: ranks make different numbers of LLM calls.
         rollout_weights = gathered_for_rollout(self.model_wrapped, self.accelerator, self.args.ds3_gather_for_generation)
         with torch.no_grad(), self.accelerator.autocast(), rollout_weights:
             if literal:
-                mu, z, item_emb, cand_emb, ref_mu = self._embed_literal(item_ids, candidate_ids, eps)
+                mu, sigma, z, item_emb, cand_emb, ref_mu = self._embed_literal(item_ids, candidate_ids, eps)
                 prefix_index = None
             else:
-                mu, z, item_emb, cand_emb, prefix_index, ref_mu = self._embed_fast(item_ids, candidate_ids, eps, mode)
-            similarities = similarity_matrix(item_emb, cand_emb, self.args.similarity)
-            old_logps = gaussian_log_prob(z, mu, self.args.noise_scale)
+                mu, sigma, z, item_emb, cand_emb, prefix_index, ref_mu = self._embed_fast(
+                    item_ids, candidate_ids, eps, mode)
+            similarities = self._similarities(item_emb, cand_emb)
+            old_logps = gaussian_log_prob(z, mu, sigma)
 
         positive_weights = positive_weights.to(device)
         reward_kwargs = {
@@ -515,29 +643,73 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             "candidate_embeddings": cand_emb,
             "similarities": similarities,
             "similarity": self.args.similarity,
-            "thoughts": z,
+            "actions": z,
+            "thoughts": z,  # deprecated alias of `actions`
             "reward_temperature": self.args.reward_temperature,
             "collaborative_table": self.collaborative_table,
         }
-        rewards_per_func = self._calculate_rewards(inputs, reward_kwargs)  # gathered: (global rows, F)
+        rewards_per_func = self._latent_rewards(inputs, reward_kwargs)  # gathered: (global rows, F)
         advantages, rewards, is_std_zero = compute_advantages(
             rewards_per_func, self.reward_weights, G, self.scale_rewards, self.multi_objective_aggregation,
-            self.args.advantage_baseline,
+            self.args.advantage_baseline, self.args.anchor_copy,
         )
         process_slice = slice(self.accelerator.process_index * n, (self.accelerator.process_index + 1) * n)
         all_advantages = advantages.clone()
         advantages = advantages[process_slice]
+        self._log_rollout_metrics(mode, G, rewards_per_func, rewards, is_std_zero, mu, sigma, similarities,
+                                  positive_weights)
 
-        # ---- metrics, as GRPOTrainer logs them ---------------------------------------------------------------
+        self._last_generation = {
+            "item_ids": item_ids,
+            "copy_index": copies,
+            "candidate_ids": candidate_ids,
+            "eps": eps,
+            "mu": mu,
+            "sigma": sigma,
+            "actions": z,
+            "item_embeddings": item_emb,
+            "candidate_embeddings": cand_emb,
+            "similarities": similarities,
+            "rewards_per_func": rewards_per_func,
+            "advantages": all_advantages,
+            "old_logps": old_logps,
+        }
+
+        output: dict[str, Any] = {
+            "actions": z.to(device), "advantages": advantages.to(device), "sigma": sigma.to(device),
+            "mu": mu.to(device), "old_logps": old_logps.to(device),
+            # The policy loss's own log-prob at its first use replaces `old_logps` when no update has happened since
+            # this rollout (see _compute_loss): then the first iteration's ratio is exactly 1.
+            "first_use": torch.ones(n, dtype=torch.bool, device=device),
+        }
+        if ref_mu is not None:
+            output["ref_mu"] = ref_mu.to(device)
+        if literal or self.args.train_lora:
+            output["prefix_ids"] = [self._item_prefix_ids(i) for i in item_ids]
+        else:
+            output["prefix_index"] = prefix_index
+        return output
+
+    def _log_rollout_metrics(self, mode, G, rewards_per_func, rewards, is_std_zero, mu, sigma, similarities,
+                             positive_weights) -> None:
         metrics = self._metrics[mode]
+        device = self.accelerator.device
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
             metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
         metrics["reward"].append(torch.nanmean(rewards).item())
         metrics["reward_std"].append(nanstd(rewards).item())
         metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
+        if self.args.anchor_copy and G > 2:
+            # groups whose noisy copies all score alike while the anchor scores differently: no usable signal
+            grouped = rewards.view(-1, G)
+            noisy_flat = (grouped[:, 1:] == grouped[:, 1:2]).all(dim=1)
+            metrics["frac_anchor_only_differs"].append((noisy_flat & (grouped[:, 0] != grouped[:, 1])).float().mean().item())
         anchor_sim = similarities.gather(1, positive_weights.argmax(-1, keepdim=True)).squeeze(1)
+        rms = mu.norm(dim=-1) / mu.shape[-1] ** 0.5
         metrics["thought/mu_norm"].append(self.accelerator.gather(mu.norm(dim=-1)).mean().item())
+        metrics["thought/sigma"].append(self.accelerator.gather(sigma).mean().item())
+        metrics["thought/sigma_over_rms_mu"].append(self.accelerator.gather(sigma / rms.clamp(min=1e-12)).mean().item())
         metrics["similarity/positive_mean"].append(self.accelerator.gather(anchor_sim).mean().item())
         for name in sorted(set(gather_object(list(self._pending_metrics)))):
             values = self._pending_metrics.get(name, [])
@@ -547,35 +719,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         self._pending_metrics.clear()
         self._pending_extra_logs.clear()
 
-        self._last_generation = {
-            "item_ids": item_ids,
-            "copy_index": copies,
-            "candidate_ids": candidate_ids,
-            "eps": eps,
-            "mu": mu,
-            "thoughts": z,
-            "item_embeddings": item_emb,
-            "candidate_embeddings": cand_emb,
-            "similarities": similarities,
-            "rewards_per_func": rewards_per_func,
-            "advantages": all_advantages,
-            "old_logps": old_logps,
-        }
-
-        output: dict[str, Any] = {"thoughts": z.to(device), "advantages": advantages.to(device)}
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self.args.gradient_accumulation_steps % generate_every != 0:  # off-policy updates follow (TRL's rule)
-            output["old_logps"] = old_logps.to(device)
-        if ref_mu is not None:
-            output["ref_mu"] = ref_mu.to(device)
-        if literal or self.args.train_lora:
-            output["prefix_ids"] = [self._item_prefix_ids(i) for i in item_ids]
-        else:
-            output["prefix_index"] = prefix_index
-        return output
-
-    def _calculate_rewards(self, inputs: list[dict], reward_kwargs: dict[str, Any]) -> torch.Tensor:
-        """TRL's contract: keyword arguments, one `float | None` per row, None -> NaN; gathered from all processes."""
+    def _latent_rewards(self, inputs: list[dict], reward_kwargs: dict[str, Any]) -> torch.Tensor:
+        """TRL's reward contract: keyword arguments, one `float | None` per row, None -> NaN; gathered from all
+        processes. (GRPOTrainer's `_calculate_rewards` takes text completions; this is its latent counterpart.)"""
         device = self.accelerator.device
         n = len(inputs)
         kwargs = {key: [x[key] for x in inputs] for key in inputs[0] if key not in reward_kwargs}
@@ -599,7 +745,6 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
     # ---- the policy loss (no LLM pass on the fast path) -----------------------------------------------------------
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        sigma = self.args.noise_scale
         if self.args.forward_method == "literal":
             mu = model(prefix_ids=inputs["prefix_ids"], literal=True)
         elif self.args.train_lora:
@@ -609,10 +754,15 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             index = inputs["prefix_index"]
             mu = model(hidden=hidden[index], mask=mask[index])
         mu = mu.float()
-        z, advantages = inputs["thoughts"].float(), inputs["advantages"].float()
+        sigma = inputs["sigma"].float()
+        z, advantages = inputs["actions"].float(), inputs["advantages"].float()
         logp = gaussian_log_prob(z, mu, sigma)
-        old_logp = inputs.get("old_logps")
-        old_logp = logp.detach() if old_logp is None else old_logp
+        if mode == "train" and bool(inputs["first_use"].all()) and self.state.global_step == self._rollout_global_step:
+            # No optimizer step since the rollout: the policy is the rollout's, so its log-prob computed exactly as
+            # the later iterations will compute theirs is the old log-prob (ratio exactly 1, no float drift).
+            inputs["old_logps"] = logp.detach()
+        inputs["first_use"] = torch.zeros_like(inputs["first_use"])
+        old_logp = inputs["old_logps"]
         per_row, ratio = clipped_policy_loss(
             logp, old_logp, advantages, self.epsilon_low, self.epsilon_high, self.loss_type, self.args.delta,
             self.args.sapo_temperature_pos, self.args.sapo_temperature_neg,
@@ -632,7 +782,15 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         metrics = self._metrics[mode]
         if kl is not None:
             metrics["kl"].append(global_mean(kl.detach()))
-        metrics["policy/log_ratio_abs"].append(global_mean((logp - old_logp).detach().abs()))
+        log_ratio = (logp - old_logp).detach().abs()
+        metrics["policy/log_ratio_abs"].append(global_mean(log_ratio))
+        if mode == "train":
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            iteration = (self._step % generate_every) // self.args.steps_per_generation + 1
+            metrics[f"policy/log_ratio_abs/iter{iteration}"].append(global_mean(log_ratio))
+            # how far mu moved since the rollout, in units of sigma (PPO's clip range allows ~0.25)
+            moved = (mu.detach() - inputs["mu"].float()).norm(dim=-1) / sigma
+            metrics[f"policy/delta_mu_over_sigma/iter{iteration}"].append(global_mean(moved))
         if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
             low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
             high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
@@ -644,6 +802,21 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         elif self.loss_type == "cispo":
             metrics["cispo_clip_ratio"].append(global_mean((ratio > self.epsilon_high) & (advantages > 0)))
         return loss
+
+    # ---- evaluation: the frozen yardstick on held-out items --------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With a yardstick: embed the catalogue with the current (noise-free) thought module and score the frozen
+        yardstick of `crrl_eval` (held-out anchor rewards, validation pairs); logged to the `report_to` sinks.
+        Without one: TRL's evaluation (rollouts and policy loss on `eval_dataset`)."""
+        if self.yardstick is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        ids, table = self.catalogue_table()
+        scores = self.yardstick.score(table.cpu(), ids)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
+        metrics["epoch"] = self.state.epoch
+        Trainer.log(self, metrics)  # not GRPOTrainer.log: that would flush the pending training metrics here
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def create_model_card(self, *args, **kwargs) -> None:

@@ -39,7 +39,15 @@ class LatentThoughtModule(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, L, d) last-layer states; key_mask (B, L) true for the real tokens before the thought."""
+        """hidden (B, L, d) last-layer states; key_mask (B, L) true for the real tokens before the thought.
+
+        Runs in the module's own dtype (float32 by default) even inside a bf16 autocast region: mu is the mean of
+        CRRL's Gaussian policy, and bf16 rounding of mu (|mu| ~ 30 on SmolLM2: steps of ~0.1) is as large as the
+        exploration noise."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._attend(hidden, key_mask)
+
+    def _attend(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         key_mask = key_mask.bool()
         if not key_mask.any(-1).all():
             raise ValueError("every row needs at least one real token before the thought token")

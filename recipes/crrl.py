@@ -8,21 +8,23 @@ Run the LRCL stage first (`recipes/lrcl.py` with the matching config); `lrcl_che
 Any field of `CRRLConfig` or `DataArguments` can be overridden on the command line, e.g. `--max_steps 50` or
 `--reward_funcs rank my_pkg.rewards:fn --reward_weights 1.0 0.5`.
 Candidates are built from the dataset's interactions (training part only: each user's last `holdout` items are
-left out); items without any co-occurring item cannot be scored and are not trained on. The final checkpoint
+left out); items without any co-occurring item cannot be scored and are not trained on. With
+`eval_item_fraction` > 0 a seeded share of the items is held out, and `eval_strategy: steps` scores the frozen
+yardstick of reaemb_trl.crrl_eval on them every `eval_steps`. The final checkpoint
 (thought module, adapter, prompt format) lands in `output_dir` and loads with `ThoughtEmbedder.from_pretrained`.
 """
 
 from trl import TrlParser
 
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.recipe_utils import DataArguments, build_crrl_trainer, finish
+from reaemb_trl.builders import DataArguments, build_crrl_trainer, finish_training
 
 
 def main() -> None:
     data_args, config = TrlParser((DataArguments, CRRLConfig)).parse_args_and_config()
     trainer = build_crrl_trainer(data_args, config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    finish(trainer, config.output_dir)
+    finish_training(trainer, config.output_dir)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ The final checkpoint (adapter, thought module, prompt format) lands in `output_d
 
 from trl import TrlParser
 
-from reaemb_trl import LRCLConfig, LRCLTrainer
-from reaemb_trl.recipe_utils import DataArguments, finish, load_recipe_items
+from reaemb_trl import LRCLConfig
+from reaemb_trl.builders import DataArguments, build_lrcl_trainer, finish_training
 
 
 def main() -> None:
     data_args, config = TrlParser((DataArguments, LRCLConfig)).parse_args_and_config()
-    trainer = LRCLTrainer(args=config, train_dataset=load_recipe_items(data_args))
+    trainer = build_lrcl_trainer(data_args, config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    finish(trainer, config.output_dir)
+    finish_training(trainer, config.output_dir)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
     trainer.train()
     gen = trainer._last_generation
     items = gather_object(gen["item_ids"])
-    thoughts = trainer.accelerator.gather(gen["thoughts"].contiguous())
+    thoughts = trainer.accelerator.gather(gen["actions"].contiguous())
     if trainer.accelerator.is_main_process:
         torch.save(
             dict(world=trainer.accelerator.num_processes, items=items, thoughts=thoughts.cpu(),

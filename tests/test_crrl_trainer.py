@@ -110,8 +110,8 @@ def test_rollout_anchor_copy_and_candidates(tmp_path):
     trainer.model.train()
     out = trainer._generate_and_score_completions(group_rows(["0", "3"], 4))
     gen = trainer._last_generation
-    assert torch.equal(gen["thoughts"][0], gen["mu"][0]) and torch.equal(gen["thoughts"][4], gen["mu"][4])
-    assert not torch.equal(gen["thoughts"][1], gen["mu"][1])
+    assert torch.equal(gen["actions"][0], gen["mu"][0]) and torch.equal(gen["actions"][4], gen["mu"][4])
+    assert not torch.equal(gen["actions"][1], gen["mu"][1])
     assert gen["similarities"].shape == (8, 4) and gen["candidate_embeddings"].shape == (8, 4, 32)
     assert gen["candidate_ids"][0] == gen["candidate_ids"][3]  # one candidate set per group
     assert out["advantages"].shape == (8,) and "prefix_index" in out
@@ -137,7 +137,7 @@ def test_fast_path_equals_literal_path(tmp_path, beta):
         outs[method] = trainer._generate_and_score_completions(group_rows(["1", "4"], 4))
         trainers[method] = trainer
     fast, literal = trainers["fast"]._last_generation, trainers["literal"]._last_generation
-    for key in ("mu", "thoughts", "item_embeddings", "candidate_embeddings", "similarities", "rewards_per_func"):
+    for key in ("mu", "actions", "item_embeddings", "candidate_embeddings", "similarities", "rewards_per_func"):
         torch.testing.assert_close(fast[key], literal[key], atol=2e-5, rtol=1e-4, msg=key)
     # Advantages divide by the group's reward spread, which can be ~1e-3 here (the rank reward is often constant
     # within a group), so float32 noise in the rewards is amplified by 1 / spread: compare on the reward scale.
@@ -184,7 +184,7 @@ def test_custom_reward_by_dotted_path_reaches_the_loss(tmp_path, monkeypatch):
 
     call = my_rewards.CALLS[-1]
     assert call["n"] == 8 and call["shapes"] == ((8, 32), (8, 4, 32), (8, 4), (8, 4)) and call["has_attributes"]
-    assert {"similarity", "thoughts", "reward_temperature", "log_metric", "log_extra"} <= set(call["kwargs"])
+    assert {"similarity", "actions", "thoughts", "reward_temperature", "log_metric", "log_extra"} <= set(call["kwargs"])
     # rewards 0, 1, 2, None per group: nan-aware mean 1 -> advantages -1, 0, 1, 0
     assert out["advantages"].tolist() == pytest.approx([-1, 0, 1, 0, -1, 0, 1, 0])
     # the advantages drive the loss: its gradient is sum_g A_g (z_g - mu) / sigma^2 / rows (ratio 1)
@@ -192,11 +192,11 @@ def test_custom_reward_by_dotted_path_reaches_the_loss(tmp_path, monkeypatch):
     loss.backward()
     assert trainer.embedder.thought.v_proj.bias.grad.abs().sum() > 0
     gen = trainer._last_generation
-    expected_dmu = -(out["advantages"].unsqueeze(1) * (gen["thoughts"] - gen["mu"])).sum(0) / 0.25 / 8
+    expected_dmu = -(out["advantages"].unsqueeze(1) * (gen["actions"] - gen["mu"])).sum(0) / 0.25 / 8
     mu = gen["mu"].clone().requires_grad_(True)
     from reaemb_trl.crrl_trainer import gaussian_log_prob
 
-    manual = clipped_policy_loss(gaussian_log_prob(gen["thoughts"], mu, 0.5), gaussian_log_prob(gen["thoughts"], mu, 0.5).detach(),
+    manual = clipped_policy_loss(gaussian_log_prob(gen["actions"], mu, 0.5), gaussian_log_prob(gen["actions"], mu, 0.5).detach(),
                                  out["advantages"], 0.2, 0.28)[0].mean()
     manual.backward()
     torch.testing.assert_close(mu.grad.sum(0), expected_dmu, atol=1e-5, rtol=1e-4)

@@ -5,7 +5,7 @@ Each case launches a small driver under `accelerate launch` with a shipped confi
 partitions every parameter. The LRCL driver trains the tiny backbone for a few steps; the CRRL driver runs
 `recipes/crrl.py` itself from a tiny LRCL checkpoint. Both record what the *trained, live* model gives (embeddings
 of the test items, with ZeRO-3 partitions gathered) and how the parameters are held, then save the final
-checkpoint through the recipes' `finish()`. The test then checks that the saved folder loads with
+checkpoint through the recipes' `finish_training()`. The test then checks that the saved folder loads with
 `ThoughtEmbedder.from_pretrained` into the same embeddings.
 """
 
@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent(
     from conftest import ITEMS
     from reaemb_trl import LRCLConfig, LRCLTrainer
     from reaemb_trl.data.canonical import load_items
-    from reaemb_trl.recipe_utils import finish
+    from reaemb_trl.builders import finish_training as finish
     def offload(engine):
         # (optimizer state offloaded, parameters offloaded, the optimizer ZeRO wraps: DeepSpeedCPUAdam when offloaded)
         inner = getattr(engine.optimizer, "optimizer", None)
@@ -167,16 +167,16 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
 
 
 # ---- CRRL: recipes/crrl.py itself under accelerate launch ------------------------------------------------------------
-# The driver runs the recipe unchanged; it only wraps the recipe's `finish()` to record the live model first.
+# The driver runs the recipe unchanged; it only wraps the recipe's `finish_training()` to record the live model first.
 CRRL_DRIVER = textwrap.dedent(
     """
     import contextlib, json, runpy, sys
     import torch
     sys.path.insert(0, "tests")
     from conftest import ITEMS
-    import reaemb_trl.recipe_utils as recipe_utils
+    import reaemb_trl.builders as builders
 
-    real_finish = recipe_utils.finish
+    real_finish = builders.finish_training
 
     def offload(engine):
         # (optimizer state offloaded, parameters offloaded, the optimizer ZeRO wraps: DeepSpeedCPUAdam when offloaded)
@@ -206,7 +206,7 @@ CRRL_DRIVER = textwrap.dedent(
             json.dump(report, open(output_dir + "/report.json", "w"))
         real_finish(trainer, output_dir)
 
-    recipe_utils.finish = recording_finish
+    builders.finish_training = recording_finish
     sys.argv = ["recipes/crrl.py", *sys.argv[1:]]
     runpy.run_path("recipes/crrl.py", run_name="__main__")
     """

@@ -151,7 +151,7 @@ def test_push_command_cli(checkpoint, tmp_path, monkeypatch):
 def test_lrcl_push_to_hub_touches_the_network_only_once_at_the_end(tmp_path, monkeypatch):
     from reaemb_trl import LRCLConfig, LRCLTrainer, ThoughtEmbedder
     from reaemb_trl.data.canonical import load_items
-    from reaemb_trl.recipe_utils import finish
+    from reaemb_trl.builders import finish_training as finish
 
     hub = FakeHub(monkeypatch, tmp_path)
     out = tmp_path / "run"

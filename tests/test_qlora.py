@@ -15,7 +15,7 @@ def test_lrcl_trains_lora_on_a_4bit_backbone(tmp_path):
 
     from reaemb_trl import LRCLConfig, LRCLTrainer
     from reaemb_trl.data.canonical import load_items
-    from reaemb_trl.recipe_utils import DataArguments
+    from reaemb_trl.builders import DataArguments
 
     # hidden 64: bnb 4-bit quantises in blocks of 64 values
     backbone = save_tiny_backbone(tmp_path / "tiny64", hidden=64)

@@ -18,7 +18,7 @@ CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
 def _parser_for(config: Path):
     from trl import TrlParser
 
-    from reaemb_trl.recipe_utils import DataArguments
+    from reaemb_trl.builders import DataArguments
 
     if config.name.startswith("lrcl_"):
         from reaemb_trl import LRCLConfig
