@@ -138,7 +138,7 @@ def export_command(
     output: Path = typer.Option(..., "--output", help="Table to write (.safetensors)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="An LRCL or CRRL checkpoint folder."),
     backbone: str = typer.Option(None, "--backbone", help="A bare backbone (`smollm2`, hub id, folder): the no-fine-tuning baseline."),
-    pooling: str = typer.Option("mean", "--pooling", help="Pooling for --backbone (`mean` or `last`); checkpoints keep theirs."),
+    pooling: str = typer.Option("mean", "--pooling", help="Pooling for --backbone (`mean`, `last` or `item_mean`); checkpoints keep theirs."),
     pca: int = typer.Option(None, "--pca", help="Reduce to K dimensions with PCA (the projection is stored)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Items per forward pass (items are batched by length)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast), float32, bfloat16, float16."),
@@ -148,6 +148,10 @@ def export_command(
     """Encode every item once and write `embeddings` + item ids + metadata as safetensors."""
     if (checkpoint is None) == (backbone is None):
         raise typer.BadParameter("give exactly one of --checkpoint (a trained model) or --backbone (the baseline)")
+    from reaemb_trl.embedder import POOLINGS
+
+    if pooling not in POOLINGS:
+        raise typer.BadParameter(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     try:
         from reaemb_trl.export import check_checkpoint, check_pca
 

@@ -119,6 +119,8 @@ def test_export_cli_failures_are_one_clear_line(tmp_path):
                           f"{tmp_path / 'nope'}' is neither ml-100k nor an existing folder")  # fmt: skip
     (foreign / "items.jsonl").write_text('{"item_id": "a", "attributes": []}\n')
     _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint), "items.jsonl, line 1")
+    bad_pooling = export("--data", data, "--backbone", "smollm2", "--pooling", "max")
+    assert bad_pooling.exit_code != 0 and "--pooling must be one of mean" in bad_pooling.output
     # --pca is checked against the items and the model's width before any model is loaded
     for pca, limit in (("49", "= 32"), ("33", "= 32")):
         result = export("--data", data, "--checkpoint", checkpoint, "--pca", pca)
