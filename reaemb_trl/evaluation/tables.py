@@ -5,7 +5,6 @@ Index convention: 0 is padding (always the zero vector), items are 1..N in the d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -14,38 +13,11 @@ from torch import nn
 
 
 def load_embedding_file(path: str | Path, item_ids: Sequence[str]) -> torch.Tensor:
-    """Read `embeddings` (num_items, D) from a .safetensors file and reorder its rows to `item_ids`.
+    """The rows of a table file (reaemb_trl.item_table) for `item_ids`, matched by id, never by position: a table
+    written in another order (or with extra items) still lines up; a missing id is an error naming the file."""
+    from reaemb_trl.item_table import read_table
 
-    Row ids come from the metadata key ``item_ids`` (a JSON list of strings) or, failing that, from an
-    integer tensor ``item_ids``. Rows are matched by id, never by position, so a table written in a
-    different order (or with extra items) still lines up; a missing id is an error.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
-        if "embeddings" not in keys:
-            raise ValueError(f"{path}: no tensor named 'embeddings' (found {sorted(keys)})")
-        table = handle.get_tensor("embeddings")
-        meta = handle.metadata() or {}
-        if "item_ids" in meta:
-            try:
-                file_ids = [str(i) for i in json.loads(meta["item_ids"])]
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: metadata 'item_ids' is not a JSON list ({exc})") from None
-        elif "item_ids" in keys:
-            file_ids = [str(i) for i in handle.get_tensor("item_ids").tolist()]
-        else:
-            raise ValueError(f"{path}: no item ids (metadata key 'item_ids' or tensor 'item_ids'); "
-                             "rows cannot be aligned to the dataset")
-    if table.ndim != 2 or table.shape[0] != len(file_ids):
-        raise ValueError(f"{path}: embeddings {tuple(table.shape)} do not match {len(file_ids)} item ids")
-    row = {item_id: n for n, item_id in enumerate(file_ids)}
-    missing = [i for i in item_ids if i not in row]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} dataset items have no embedding, e.g. {missing[:5]}")
-    return table[torch.tensor([row[i] for i in item_ids])].float()
+    return read_table(path).aligned(list(item_ids)).float()
 
 
 TABLE_MODES = ("frozen", "init", "hybrid")
