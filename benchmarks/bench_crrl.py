@@ -4,7 +4,7 @@ action; the policy loss runs no LLM pass). Same process, same data.
 
     python benchmarks/bench_crrl.py --backbone tiny
     python benchmarks/bench_crrl.py --backbone smollm2 --items 4 --generations 8 --candidates 10
-    python benchmarks/bench_crrl.py --backbone qwen2.5-0.5b-random --device cuda --items 4
+    python benchmarks/bench_crrl.py --backbone qwen2.5-0.5b-random --device cuda --dtype bfloat16 --json crrl.json
 
 A step = generate and score (embed B x G actions and B x N candidates, rewards, advantages) + num_iterations
 policy-loss evaluations with backward, as TRL's buffering does with num_iterations=2.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed
+from common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed, write_json
 
 
 def main() -> None:
@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="backbone weights (the paper's CRRL config freezes the LLM in bfloat16)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows (and the settings) as JSON")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -35,7 +38,10 @@ def main() -> None:
     from reaemb_trl.crrl_config import CRRLConfig
     from reaemb_trl.crrl_trainer import CRRLTrainer
 
-    embedder = build_embedder(args.backbone, args.device)
+    import torch
+
+    embedder = build_embedder(args.backbone, args.device, dtype=getattr(torch, args.dtype))
+    embedder.thought.float()  # the policy (thought module) trains in float32, as in CRRL's recipe
     n_items = args.items * (args.candidates + 1)
     tokenizer = embedder.tokenizer
     prefixes = random_prefixes(embedder, n_items, args.tokens, jitter=args.tokens // 4)
@@ -69,13 +75,18 @@ def main() -> None:
 
             with peak_memory(args.device) as mem:
                 seconds = timed(step, args.device, args.repeats)
-        results.append({"path": method, "step_ms": f"{seconds * 1e3:.0f}",
-                        "actions_per_s": f"{args.items * args.generations / seconds:.1f}",
-                        "peak_mib": f"{mem['peak_mib']:.0f}", "_s": seconds})
-    results[1]["speedup"] = f"{results[0]['_s'] / results[1]['_s']:.2f}x"
-    print(f"CRRL step | {args.backbone} | {args.items} items x G {args.generations}, N {args.candidates}, "
-          f"{args.iterations} iterations | {machine()}")
-    print_table(results, ["path", "step_ms", "actions_per_s", "peak_mib", "speedup"])
+        results.append({"path": method, "step_ms": round(seconds * 1e3, 1),
+                        "actions_per_s": round(args.items * args.generations / seconds, 2),
+                        "peak_mib": round(mem["peak_mib"]), "seconds": seconds})
+    for row in results:
+        row["vs_literal"] = round(results[0]["seconds"] / row["seconds"], 3)
+    title = (f"CRRL step | {args.backbone} | {args.items} items x G {args.generations}, N {args.candidates}, "
+             f"{args.iterations} iterations | {args.dtype} | {machine()}")
+    print(title)
+    print_table([{**r, "vs_literal": f"{r['vs_literal']:.2f}x"} for r in results],
+                ["path", "step_ms", "actions_per_s", "peak_mib", "vs_literal"])
+    if args.json:
+        write_json(args.json, "crrl_step", title, vars(args), [{k: v for k, v in r.items() if k != "seconds"} for r in results])
 
 
 if __name__ == "__main__":

@@ -10,13 +10,35 @@ from contextlib import contextmanager
 import torch
 
 BACKBONES = ("tiny", "smollm2", "qwen2.5-0.5b-random")
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against torch.cuda.get_device_name() in this order.
+BF16_PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
+                    ("A10G", 70.0), ("L4", 121.0))  # fmt: skip
+
+
+def qwen2_5_0_5b_config(**overrides):
+    """Qwen2.5-0.5B's architecture (from its published config.json), for random-weight models: nothing is fetched."""
+    from transformers import Qwen2Config
+
+    shape = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                 max_position_embeddings=32768, rms_norm_eps=1e-6)  # fmt: skip
+    return Qwen2Config(**{**shape, **overrides})
+
+
+def bf16_peak_tflops(device_name: str | None = None) -> float | None:
+    """The card's dense bf16 peak, or None when the card is not in the table (or there is no GPU)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), None)
 
 
 def build_embedder(name: str, device: str, lora: bool = True, dtype: torch.dtype | None = None):
     """A ThoughtEmbedder over `tiny` (2-layer Llama, hidden 64), `smollm2` (embedded) or a Qwen2.5-0.5B-shaped model
     with random weights (no download)."""
     from peft import LoraConfig
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
 
     from reaemb_trl.embedder import ThoughtEmbedder
 
@@ -29,9 +51,9 @@ def build_embedder(name: str, device: str, lora: bool = True, dtype: torch.dtype
             model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
         elif name == "qwen2.5-0.5b-random":
-            model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                                 tie_word_embeddings=True, max_position_embeddings=32768))
+            # Initialised on the target device: 494M random numbers take seconds on a CPU, nothing on a GPU.
+            with torch.device(device):
+                model = Qwen2ForCausalLM(qwen2_5_0_5b_config())
         else:
             raise SystemExit(f"unknown backbone {name!r}; choose from {BACKBONES}")
         if dtype is not None:
@@ -120,3 +142,32 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-|-".join("-" * widths[c] for c in columns))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def write_json(path: str, benchmark: str, title: str, settings: dict, rows: list[dict], **extra) -> None:
+    """The printed rows as JSON, in the layout every benchmark script writes: benchmark, command, machine, title,
+    settings, rows (numbers as numbers), plus `extra`."""
+    import json
+    import sys
+
+    report = {"benchmark": benchmark, "command": " ".join(["python", *sys.argv]), "machine": machine(),
+              "title": title, "settings": settings, "rows": rows, **extra}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def parse_table(text: str) -> tuple[str, list[dict]]:
+    """The last table `print_table` wrote into `text`, back as (title line, rows of strings)."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    seps = [i for i, line in enumerate(lines) if line and set(line.replace(" ", "")) <= {"-", "|"} and "|" in line]
+    if not seps or seps[-1] < 1:
+        raise ValueError("no table found in the output")
+    sep = seps[-1]
+    header = [c.strip() for c in lines[sep - 1].split(" | ")]
+    rows = []
+    for line in lines[sep + 1 :]:
+        cells = [c.strip() for c in line.split(" | ")]
+        if len(cells) != len(header):
+            break
+        rows.append({h: c for h, c in zip(header, cells) if c})
+    return (lines[sep - 2] if sep >= 2 else ""), rows
