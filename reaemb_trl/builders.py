@@ -25,11 +25,21 @@ class DataArguments:
 
 @dataclass
 class LoadedDataset:
-    """A canonical dataset read once: the items (a `datasets.Dataset`) and the user sequences."""
+    """A canonical dataset read once: the item rows, the same as a `datasets.Dataset` (`items`), and the user
+    sequences."""
 
     folder: Path
+    rows: list[dict]
     items: object
     sequences: dict[str, list[str]] | None = None
+
+    def rec_dataset(self):
+        """The `RecDataset` the downstream evaluation reads."""
+        from reaemb_trl.data.canonical import RecDataset
+
+        if self.sequences is None:
+            raise ValueError("this dataset was loaded without its interactions (with_sequences=False)")
+        return RecDataset(self.rows, self.sequences)
 
     @classmethod
     def load(cls, data_args: DataArguments, with_sequences: bool = False) -> "LoadedDataset":
@@ -43,7 +53,7 @@ class LoadedDataset:
         sequences = load_interactions(folder, item_ids=[r["item_id"] for r in rows]) if with_sequences else None
         if data_args.max_items is not None:
             rows = rows[: data_args.max_items]
-        return cls(folder, Dataset.from_list(rows, features=items_features()), sequences)
+        return cls(folder, rows, Dataset.from_list(rows, features=items_features()), sequences)
 
 
 def build_lrcl_trainer(data_args: DataArguments, config, data: LoadedDataset | None = None):

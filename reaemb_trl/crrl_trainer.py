@@ -333,8 +333,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         set_seed(args.seed)
         embedder = load_crrl_embedder(model, args)
         # ---- what trains: the thought module (and LoRA when asked); the LLM is frozen --------------------------
-        has_adapter = hasattr(embedder.model, "peft_config")
-        if args.train_lora and not has_adapter:
+        if args.train_lora and not embedder.has_adapter:
             raise ValueError("train_lora=True but the embedder has no LoRA adapter (LRCL checkpoints trained with LoRA have one)")
         for name, param in embedder.model.named_parameters():
             param.requires_grad_(bool(args.train_lora and "lora_" in name))

@@ -496,7 +496,7 @@ class ThoughtEmbedder(nn.Module):
             save_file(state, staging / THOUGHT_FILE)
             self.formatter.save(staging)
             self.tokenizer.save_pretrained(staging)
-            has_adapter = hasattr(self.model, "peft_config")
+            has_adapter = self.has_adapter
             if has_adapter:
                 # The row grown for the thought token is never read (the thought vector replaces it), so the
                 # embedding table is not part of the adapter.
@@ -570,6 +570,36 @@ class ThoughtEmbedder(nn.Module):
             embedder.to(device)
         return embedder.train(is_trainable)
 
+    # ---- what a checkpoint holds (the trainers, the quickstart and export ask here) -------------------------
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the LLM carries a (peft) LoRA adapter."""
+        return hasattr(self.model, "peft_config")
+
+    @staticmethod
+    def adapter_weights_file(folder: str | os.PathLike) -> Path:
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+        return Path(folder) / ADAPTER_DIR / SAFETENSORS_WEIGHTS_NAME
+
+    def thought_module_from(self, folder: str | os.PathLike) -> LatentThoughtModule:
+        """The thought module of another checkpoint folder, shaped like this embedder's, on its device."""
+        module = LatentThoughtModule(self.thought.hidden_size, self.thought.rope_base)
+        module.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
+        return module.to(self.device)
+
+    def same_adapter_as(self, folder: str | os.PathLike) -> bool:
+        """Whether checkpoint `folder` carries exactly this embedder's LoRA weights (or both have none): then the two
+        differ only in their thought modules and can share prefix passes."""
+        from peft import get_peft_model_state_dict
+
+        file = self.adapter_weights_file(folder)
+        if not self.has_adapter or not file.exists():
+            return not self.has_adapter and not file.exists()
+        theirs = load_file(file)
+        mine = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
     def load_trained_state(self, folder: str | os.PathLike, adapter: bool = True) -> None:
         """Load the trained weights of a checkpoint folder into this embedder (used when resuming): the thought
         module, and the LoRA adapter when `adapter` and the folder has one."""
@@ -577,7 +607,7 @@ class ThoughtEmbedder(nn.Module):
 
         folder = Path(folder)
         self.thought.load_state_dict(load_file(folder / THOUGHT_FILE))
-        adapter_file = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        adapter_file = self.adapter_weights_file(folder)
         if adapter and adapter_file.exists():
             set_peft_model_state_dict(self.model, load_file(adapter_file))
 

@@ -298,7 +298,7 @@ def table_metadata(
         "format": FORMAT,
         "source": str(source),
         "backbone": embedder.backbone or "",
-        "adapter": has_adapter(embedder),
+        "adapter": embedder.has_adapter,
         "thought": use_thought,
         "pooling": embedder.pooling,
         "prompt_format": embedder.formatter.to_dict(),
@@ -312,17 +312,13 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def has_adapter(embedder) -> bool:
-    return hasattr(embedder.model, "peft_config")
-
-
 def embedder_fingerprint(embedder, thought: nn.Module | None) -> str:
     """The fingerprint of the vectors `embedder` gives with `thought` (None: the no-thought baseline)."""
     tensors: dict[str, torch.Tensor] = {}
     if thought is not None:
         tensors.update({f"thought.{k}": v for k, v in thought.state_dict().items()})
     adapter_settings = None
-    if has_adapter(embedder):
+    if embedder.has_adapter:
         from peft import get_peft_model_state_dict
 
         # The same state dict peft writes into the checkpoint's adapter file (the embedding rows are not saved).

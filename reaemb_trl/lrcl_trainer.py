@@ -195,9 +195,9 @@ class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
             if isinstance(model, str):
                 args.model_name_or_path = model
             model = build_embedder(args)
-        elif args.use_lora and not hasattr(model.model, "peft_config"):
+        elif args.use_lora and not model.has_adapter:
             model.attach_lora(lora_config(args, model.model))
-        elif not args.use_lora and not hasattr(model.model, "peft_config"):
+        elif not args.use_lora and not model.has_adapter:
             model.model.requires_grad_(False)
         if args.share_template is not None:
             model.share_template = args.share_template

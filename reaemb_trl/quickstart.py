@@ -1,7 +1,13 @@
 """`reaemb quickstart`: ReaEmb end to end on the embedded defaults, and whether it helped.
 
-Stages (each skipped when its marker in OUTPUT/.stages exists, so a re-run continues where it stopped):
-data -> lrcl -> crrl -> export (raw backbone, LRCL, LRCL+CRRL tables) -> evaluate (SASRec, ID vs tables).
+Stages, each a function of (settings, data) and each skipped when its marker in OUTPUT/.stages exists, so a re-run
+continues where it stopped (an interrupted training stage resumes from its last checkpoint):
+
+    fetch_data -> train_lrcl -> train_crrl -> export_tables (raw backbone, LRCL, LRCL+CRRL) -> evaluate_tables
+
+The settings live in recipes/configs/quickstart.yaml (its comments say how they differ from the paper and why);
+`QuickstartSettings.from_yaml` reads it and the CLI's flags override it. The experiment scripts (experiments/) call
+the same stage functions with other settings.
 """
 
 from __future__ import annotations
@@ -10,56 +16,55 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import typer
+import yaml
 
 TABLES = ("raw", "lrcl", "crrl")
-
-
-def typer_option(default, flag: str, help: str):
-    import typer
-
-    return typer.Option(default, flag, help=help)
+SETTINGS_FILE = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "quickstart.yaml"
+STAGES = ("data", "lrcl", "crrl", "export", "evaluate")
 
 
 @dataclass
 class QuickstartSettings:
-    """What the quickstart runs; the defaults fit 2 CPU cores in about 20 minutes."""
+    """What the quickstart runs. `lrcl` / `crrl` / `evaluation` hold fields of LRCLConfig / CRRLConfig / EvalConfig
+    that differ from those classes' defaults (which are the paper's)."""
 
     output: Path
     backbone: str = "smollm2"
     dataset: str = "ml-100k"
     device: str = "cpu"
     seed: int = 42
-    max_prompt_length: int = 96
-    lrcl_steps: int = 40
-    lrcl_batch: int = 12
-    lrcl_learning_rate: float = 2e-4
-    crrl_steps: int = 100
-    crrl_items_per_step: int = 4
-    crrl_generations: int = 8
-    crrl_learning_rate: float = 1e-4
-    export_batch: int = 32
-    # Centred PCA (the paper reduces to 512): mean-pooled LLM states share one large direction that a small
-    # adapter cannot see past; on MovieLens-100k it lifts the LLM tables' SASRec NDCG@10 about 5x.
-    export_pca: int | None = 128
-    eval_model: str = "sasrec"
-    eval_seeds: int = 3
-    eval_max_epochs: int = 30
-    eval_patience: int = 5
-    # Shorter sequences and smaller batches than the full protocol (200, 1024): several updates per epoch,
-    # so SASRec converges within the CPU time budget. `reaemb evaluate` runs the full protocol.
-    eval_max_len: int = 50
-    eval_batch_size: int = 128
     bf16: bool | None = None  # None: where the hardware runs it fast
-    extra: dict = field(default_factory=dict)
+    lrcl: dict[str, Any] = field(default_factory=dict)
+    crrl: dict[str, Any] = field(default_factory=dict)
+    export_batch: int = 32
+    export_pca: int | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    eval_seeds: int = 3
+    hybrid: bool = True  # also evaluate every LLM table as ids + adapter(table)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path = SETTINGS_FILE, **overrides) -> "QuickstartSettings":
+        """Settings from a YAML file (every key a field of this class), then `overrides` (None values ignored)."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown quickstart settings {unknown}; known: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        data["output"] = Path(data.get("output", "runs/quickstart"))
+        return cls(**data)
 
     @property
     def use_bf16(self) -> bool:
         import torch
 
-        from reaemb_trl.export import fast_bf16_available
+        from reaemb_trl.provenance import fast_bf16_available
 
         return fast_bf16_available(torch.device(self.device)) if self.bf16 is None else self.bf16
 
@@ -68,7 +73,127 @@ def _log(message: str) -> None:
     print(f"[quickstart] {message}", file=sys.stderr, flush=True)
 
 
-def _stage(settings: QuickstartSettings, name: str, run: Callable[[], dict | None]) -> dict:
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _training_args(settings: QuickstartSettings, folder: Path) -> dict:
+    """What both trainers get from the quickstart: output, seed, precision, device, logging."""
+    return dict(output_dir=str(folder), seed=settings.seed, bf16=settings.use_bf16, use_cpu=settings.device == "cpu",
+                report_to="tensorboard", save_total_limit=1, disable_tqdm=False)
+
+
+# ---- the stages -----------------------------------------------------------------------------------------------------
+def fetch_data(settings: QuickstartSettings) -> dict:
+    """Fetch the backbone and the dataset (once; cached) and copy the canonical dataset into OUTPUT/data."""
+    from reaemb_trl.assets import resolve_dataset, resolve_model_path
+    from reaemb_trl.data.canonical import print_stats
+
+    out = settings.output
+    resolve_model_path(settings.backbone)  # fetch the embedded backbone now, not in the middle of training
+    source = resolve_dataset(settings.dataset)
+    staging = out / ".data.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(out / "data", ignore_errors=True)
+    staging.rename(out / "data")
+    return {"source": str(source), "stats": asdict(print_stats(out / "data"))}
+
+
+def train_lrcl(settings: QuickstartSettings, data) -> dict:
+    """LRCL over the whole catalogue; `lrcl.num_train_epochs` = views of each item."""
+    from reaemb_trl.builders import DataArguments, build_lrcl_trainer
+    from reaemb_trl.lrcl_config import LRCLConfig
+
+    folder = settings.output / "lrcl"
+    args = LRCLConfig(**{"model_name_or_path": settings.backbone, **_training_args(settings, folder),
+                         "save_strategy": "steps", "save_steps": 50, **settings.lrcl})
+    trainer = build_lrcl_trainer(DataArguments(dataset=str(data.folder)), args, data)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(folder))
+    trainer.save_model(str(folder))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"steps": trainer.state.global_step, "items": len(data.items), "epochs": trainer.state.epoch,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+
+
+def train_crrl(settings: QuickstartSettings, data) -> dict:
+    """CRRL from the LRCL checkpoint; with held-out items, the frozen yardstick before and after training."""
+    from reaemb_trl.builders import DataArguments, build_crrl_trainer
+    from reaemb_trl.crrl_config import CRRLConfig
+
+    folder = settings.output / "crrl"
+    args = CRRLConfig(**{"lrcl_checkpoint": str(settings.output / "lrcl"), **_training_args(settings, folder),
+                         **settings.crrl})
+    trainer = build_crrl_trainer(DataArguments(dataset=str(data.folder)), args, data)
+    resume = _last_checkpoint(folder)
+    before = trainer.evaluate(metric_key_prefix="start") if trainer.yardstick is not None and not resume else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(folder))
+    after = trainer.evaluate(metric_key_prefix="end") if trainer.yardstick is not None else None
+    history = trainer.state.log_history
+    rewards = [h["reward"] for h in history if "reward" in h]
+    return {"steps": trainer.state.global_step, "trained_items": len(trainer.train_dataset),
+            "rollout_items": trainer.state.global_step * args.per_device_train_batch_size // args.num_generations,
+            "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None,
+            "frac_reward_zero_std": _mean_logged(history, "frac_reward_zero_std"),
+            "clip_region": _mean_logged(history, "clip_ratio/region_mean"),
+            "yardstick_start": before, "yardstick_end": after}
+
+
+def _mean_logged(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if h.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def export_tables(settings: QuickstartSettings, data) -> dict:
+    """raw (the bare backbone, same prompt and pooling, no thought), lrcl and crrl tables; LRCL and CRRL share
+    their prefix passes when CRRL left the LLM as LRCL trained it."""
+    from reaemb_trl.embedder import ThoughtEmbedder
+    from reaemb_trl.export import export_table, export_thought_variants
+
+    out, tables = settings.output, settings.output / "tables"
+    rows = data.rows
+    crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
+    raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=crrl.formatter, pooling=crrl.pooling)
+    export_table(raw.to(settings.device), rows, tables / "raw.safetensors", source=settings.backbone,
+                 use_thought=False, batch_size=settings.export_batch, pca=settings.export_pca)
+    del raw
+    if crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
+        export_thought_variants(crrl, rows, {
+            "lrcl": (tables / "lrcl.safetensors", crrl.thought_module_from(out / "lrcl"), str(out / "lrcl")),
+            "crrl": (tables / "crrl.safetensors", crrl.thought, str(out / "crrl")),
+        }, batch_size=settings.export_batch, pca=settings.export_pca)  # fmt: skip
+    else:
+        lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)
+        for name, embedder in (("lrcl", lrcl), ("crrl", crrl)):
+            export_table(embedder, rows, tables / f"{name}.safetensors", source=str(out / name),
+                         batch_size=settings.export_batch, pca=settings.export_pca)
+    return {"items": len(rows), "tables": [str(tables / f"{n}.safetensors") for n in TABLES]}
+
+
+def evaluate_tables(settings: QuickstartSettings, data) -> dict:
+    """MostPop, ids and the three tables (frozen, the paper's mode; and hybrid = ids + adapter(table)) over the
+    seeds, with paired tests: every table vs id, the LLM tables vs raw, each stage vs the one before."""
+    from reaemb_trl.evaluation.report import write_report
+    from reaemb_trl.evaluation.runner import EvalConfig, TableSpec, compare_tables
+
+    tables = settings.output / "tables"
+    specs = [TableSpec("mostpop", "mostpop"), TableSpec("id", "id")]
+    specs += [TableSpec(name, str(tables / f"{name}.safetensors"), "frozen") for name in TABLES]
+    compare = ["lrcl:raw", "crrl:lrcl"]
+    if settings.hybrid:
+        specs += [TableSpec(f"{name}@hybrid", str(tables / f"{name}.safetensors"), "hybrid") for name in TABLES]
+        compare += ["lrcl@hybrid:raw@hybrid", "crrl@hybrid:lrcl@hybrid"]
+    config = EvalConfig(**{"device": settings.device, **settings.evaluation})
+    results = compare_tables(data.rec_dataset(), specs, settings.eval_seeds, config, compare=compare)
+    write_report(results, settings.output / "eval")
+    return {"tables": [s.name for s in specs], "seconds_of_runs": results["wall_seconds"]}
+
+
+# ---- orchestration --------------------------------------------------------------------------------------------------
+def _stage(settings: QuickstartSettings, name: str, run: Callable[[], dict]) -> dict:
     """Run a stage unless its marker exists; the marker (with timing) is written only after the stage finished."""
     marker = settings.output / ".stages" / f"{name}.json"
     if marker.exists():
@@ -84,153 +209,18 @@ def _stage(settings: QuickstartSettings, name: str, run: Callable[[], dict | Non
     return info
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
-def _common_training_args(settings: QuickstartSettings, folder: Path, steps: int) -> dict:
-    return dict(
-        max_steps=steps,
-        save_steps=max(1, steps // 3),
-        logging_steps=max(1, min(5, steps // 2)),
-        output_dir=str(folder),
-        seed=settings.seed,
-        bf16=settings.use_bf16,
-        use_cpu=settings.device == "cpu",
-        save_strategy="steps",
-        save_total_limit=1,
-        report_to="tensorboard",
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=5,
-    )
-
-
-def _same_adapter(first: Path, second: Path) -> bool:
-    """Whether two checkpoints carry the same LoRA weights (CRRL trains only the thought module by default)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from reaemb_trl.files import ADAPTER_DIR
-
-    files = [folder / ADAPTER_DIR / "adapter_model.safetensors" for folder in (first, second)]
-    if not all(f.exists() for f in files):
-        return not any(f.exists() for f in files)
-    a, b = (load_file(f) for f in files)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def run_quickstart(settings: QuickstartSettings) -> dict:
     """Run every stage; returns the evaluation results (also written to OUTPUT/eval)."""
+    from reaemb_trl.builders import DataArguments, LoadedDataset
+
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
     (out / "quickstart_settings.json").write_text(json.dumps(asdict(settings), default=str, indent=2) + "\n")
-    data = out / "data"
-
-    def stage_data():
-        from reaemb_trl.assets import resolve_dataset, resolve_model_path
-        from reaemb_trl.data.canonical import print_stats
-
-        resolve_model_path(settings.backbone)  # fetch the embedded backbone now, not in the middle of training
-        source = resolve_dataset(settings.dataset)
-        staging = out / ".data.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        shutil.rmtree(data, ignore_errors=True)
-        staging.rename(data)
-        stats = print_stats(data)
-        return {"source": str(source), "stats": asdict(stats)}
-
-    def stage_lrcl():
-        from reaemb_trl import LRCLConfig, LRCLTrainer
-        from reaemb_trl.data.canonical import load_items
-
-        folder = out / "lrcl"
-        args = LRCLConfig(
-            model_name_or_path=settings.backbone,
-            per_device_train_batch_size=settings.lrcl_batch,
-            learning_rate=settings.lrcl_learning_rate,
-            max_prompt_length=settings.max_prompt_length,
-            **_common_training_args(settings, folder, settings.lrcl_steps),
-        )
-        trainer = LRCLTrainer(args=args, train_dataset=load_items(data))
-        trainer.train(resume_from_checkpoint=_last_checkpoint(folder))
-        trainer.save_model(str(folder))
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-
-    def stage_crrl():
-        from reaemb_trl.crrl_config import CRRLConfig
-        from reaemb_trl.builders import DataArguments, build_crrl_trainer
-
-        folder = out / "crrl"
-        args = CRRLConfig(
-            lrcl_checkpoint=str(out / "lrcl"),
-            per_device_train_batch_size=settings.crrl_items_per_step * settings.crrl_generations,
-            num_generations=settings.crrl_generations,
-            learning_rate=settings.crrl_learning_rate,
-            **{
-                **_common_training_args(settings, folder, settings.crrl_steps),
-                # checkpoints on rollout boundaries (every num_iterations=2 steps) resume exactly
-                "save_steps": max(2, settings.crrl_steps // 6 * 2),
-            },
-        )
-        trainer = build_crrl_trainer(DataArguments(dataset=str(data)), args)
-        trainer.train(resume_from_checkpoint=_last_checkpoint(folder))
-        trainer.save_model(str(folder))
-        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        return {"first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None}
-
-    def stage_export():
-        import copy
-
-        from safetensors.torch import load_file
-
-        from reaemb_trl.data.canonical import read_items
-        from reaemb_trl.embedder import ThoughtEmbedder
-        from reaemb_trl.export import export_table, export_thought_variants
-        from reaemb_trl.files import THOUGHT_FILE
-        from reaemb_trl.prompt import ItemPromptFormatter
-
-        items = read_items(data)
-        tables = out / "tables"
-        formatter = ItemPromptFormatter.load(out / "lrcl")  # the raw baseline gets the same prompt
-        raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=formatter).to(settings.device)
-        export_table(raw, items, tables / "raw.safetensors", source=settings.backbone, use_thought=False,
-                     batch_size=settings.export_batch, pca=settings.export_pca)
-        del raw
-        crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
-        if _same_adapter(out / "lrcl", out / "crrl"):  # CRRL left the LLM as LRCL trained it: share its passes
-            lrcl_thought = copy.deepcopy(crrl.thought)
-            lrcl_thought.load_state_dict(load_file(out / "lrcl" / THOUGHT_FILE))
-            export_thought_variants(crrl, items, {
-                "lrcl": (tables / "lrcl.safetensors", lrcl_thought, str(out / "lrcl")),
-                "crrl": (tables / "crrl.safetensors", crrl.thought, str(out / "crrl")),
-            }, batch_size=settings.export_batch, pca=settings.export_pca)  # fmt: skip
-        else:
-            lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)
-            for name, embedder in (("lrcl", lrcl), ("crrl", crrl)):
-                export_table(embedder, items, tables / f"{name}.safetensors", source=str(out / name),
-                             batch_size=settings.export_batch, pca=settings.export_pca)
-        return {"items": len(items)}
-
-    def stage_evaluate():
-        from reaemb_trl.evaluation.report import write_report
-        from reaemb_trl.evaluation.runner import EvalConfig, compare_tables
-
-        config = EvalConfig(model=settings.eval_model, max_epochs=settings.eval_max_epochs,
-                            patience=settings.eval_patience, max_len=settings.eval_max_len,
-                            batch_size=settings.eval_batch_size, device=settings.device)
-        tables = ["id"] + [str(out / "tables" / f"{name}.safetensors") for name in TABLES]
-        results = compare_tables(data, tables, settings.eval_seeds, config)
-        write_report(results, out / "eval")
-        return {"tables": tables}
-
-    stages = {}
-    for name, run in [("data", stage_data), ("lrcl", stage_lrcl), ("crrl", stage_crrl),
-                      ("export", stage_export), ("evaluate", stage_evaluate)]:
-        stages[name] = _stage(settings, name, run)
+    stages = {"data": _stage(settings, "data", lambda: fetch_data(settings))}
+    data = LoadedDataset.load(DataArguments(dataset=str(out / "data")), with_sequences=True)  # read once per run
+    for name, run in (("lrcl", train_lrcl), ("crrl", train_crrl), ("export", export_tables),
+                      ("evaluate", evaluate_tables)):
+        stages[name] = _stage(settings, name, lambda run=run: run(settings, data))
     results = json.loads((out / "eval" / "results.json").read_text())
     summary = {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -238,24 +228,26 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
 
 
 def quickstart_command(
-    output: Path = typer_option("runs/quickstart", "--output", "Folder for every artifact; re-running skips finished stages."),
-    backbone: str = typer_option("smollm2", "--backbone", "Backbone: `smollm2` (embedded), a hub id or a folder."),
-    dataset: str = typer_option("ml-100k", "--dataset", "`ml-100k` (embedded) or a canonical dataset folder."),
-    device: str = typer_option("cpu", "--device", "cpu or cuda (training, export and evaluation)."),
-    lrcl_steps: int = typer_option(40, "--lrcl-steps", "LRCL training steps."),
-    crrl_steps: int = typer_option(100, "--crrl-steps", "CRRL training steps."),
-    eval_seeds: int = typer_option(3, "--seeds", "Seeds per table in the downstream evaluation."),
-    eval_max_epochs: int = typer_option(30, "--eval-max-epochs", "Max SASRec epochs per run (early stopping on)."),
+    output: Path = typer.Option(None, "--output", help="Folder for every artifact (default: the settings file's, "
+                                "runs/quickstart); re-running skips finished stages."),
+    settings_file: Path = typer.Option(None, "--settings", help="A quickstart YAML (default: "
+                                       "recipes/configs/quickstart.yaml)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (training, export and evaluation)."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds of the downstream evaluation (default 3)."),
 ) -> None:
-    """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with ID vs each table."""
+    """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with MostPop, ids and each
+    table (frozen and hybrid), with paired tests; settings from recipes/configs/quickstart.yaml."""
     from reaemb_trl.evaluation.report import render_markdown
 
-    settings = QuickstartSettings(
-        output=output, backbone=backbone, dataset=dataset, device=device, lrcl_steps=lrcl_steps,
-        crrl_steps=crrl_steps, eval_seeds=eval_seeds, eval_max_epochs=eval_max_epochs,
-    )
+    settings = QuickstartSettings.from_yaml(settings_file or SETTINGS_FILE, output=output, device=device,
+                                            eval_seeds=seeds)
     results = run_quickstart(settings)
-    print(render_markdown(results))
-    summary = json.loads((output / "summary.json").read_text())
-    print(f"\nall stages: {summary['total_seconds'] / 60:.1f} min; results in {output / 'eval'} "
-          "(results.json, results.md, ndcg10.png)")
+    print(render_markdown(results, groups=("all", "tail_item", "head_item")))
+    summary = json.loads((settings.output / "summary.json").read_text())
+    crrl = summary["stages"]["crrl"]
+    if crrl.get("yardstick_start") and crrl.get("yardstick_end"):
+        key = "anchor_normalized_centered_cosine"
+        start, end = crrl["yardstick_start"].get(f"start_{key}"), crrl["yardstick_end"].get(f"end_{key}")
+        print(f"CRRL on held-out items (frozen yardstick, {key}): {start:.4f} (LRCL) -> {end:.4f} (LRCL+CRRL)")
+    print(f"\nall stages: {summary['total_seconds'] / 60:.1f} min; results in {settings.output / 'eval'} "
+          "(results.json, results.md, ndcg10.png, test_ranks.npz)")
