@@ -208,6 +208,19 @@ def stage_upload(
     return sorted(files + ["README.md"])
 
 
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What keeps `folder` from being pushed (one line naming it and what to do), or None."""
+    folder = Path(folder)
+    runs = "the output_dir of an LRCL or CRRL run (`accelerate launch recipes/lrcl.py --config ...`)"
+    if not folder.exists():
+        return f"{folder} does not exist: pass {runs}"
+    if not folder.is_dir():
+        return f"{folder} is not a folder: pass {runs}"
+    if not (folder / CONFIG_FILE).is_file():
+        return f"{folder} is not a reaemb-trl checkpoint (no {CONFIG_FILE}): pass {runs}"
+    return None
+
+
 def push_checkpoint(
     folder: str | os.PathLike,
     repo_id: str,
@@ -226,6 +239,9 @@ def push_checkpoint(
 
     if not repo_id:
         raise ValueError("push_checkpoint needs a repo_id such as 'user/reaemb-model'")
+    problem = checkpoint_problem(folder)
+    if problem:  # before anything touches the network
+        raise FileNotFoundError(problem)
     token = token or os.environ.get("HF_TOKEN") or None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="reaemb-push-") as staging:
@@ -285,6 +301,14 @@ def push_command(
     commit_message: str = typer.Option(DEFAULT_COMMIT_MESSAGE, "--commit-message"),
 ) -> None:
     """Upload a checkpoint (adapter, thought module, prompt format, tokenizer, config) plus a model card."""
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)
+    if results is not None and not results.is_file():
+        typer.echo(f"error: {results} does not exist: pass a Markdown results file (`reaemb evaluate` writes "
+                   "results.md) or leave out --results", err=True)
+        raise typer.Exit(1)
     info = push_checkpoint(
         checkpoint, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
         results=results,

@@ -14,15 +14,21 @@ yardstick of reaemb_trl.crrl_eval on them every `eval_steps`. The final checkpoi
 (thought module, adapter, prompt format) lands in `output_dir` and loads with `ThoughtEmbedder.from_pretrained`.
 """
 
-from trl import TrlParser
+from pathlib import Path
 
-from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.builders import DataArguments, build_crrl_trainer, finish_training
+from reaemb_trl.crrl_config import CRRLConfig
+from reaemb_trl.preflight import check_dataset, check_lrcl_checkpoint, expected_failures, parse_recipe_args
 
 
 def main() -> None:
-    data_args, config = TrlParser((DataArguments, CRRLConfig)).parse_args_and_config()
-    trainer = build_crrl_trainer(data_args, config)
+    # Expected failures (no LRCL checkpoint yet, missing config or dataset, bad fields or data) end with one
+    # `error:` line naming what to run, exit code 1.
+    data_args, config = parse_recipe_args(DataArguments, CRRLConfig)
+    check_lrcl_checkpoint(config, Path(__file__).parent / "configs")
+    check_dataset(data_args.dataset, interactions=True)
+    with expected_failures():
+        trainer = build_crrl_trainer(data_args, config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     finish_training(trainer, config.output_dir)
 

@@ -10,15 +10,17 @@ The final checkpoint (adapter, thought module, prompt format) lands in `output_d
 `ThoughtEmbedder.from_pretrained(output_dir)`.
 """
 
-from trl import TrlParser
-
 from reaemb_trl import LRCLConfig
 from reaemb_trl.builders import DataArguments, build_lrcl_trainer, finish_training
+from reaemb_trl.preflight import check_dataset, expected_failures, parse_recipe_args
 
 
 def main() -> None:
-    data_args, config = TrlParser((DataArguments, LRCLConfig)).parse_args_and_config()
-    trainer = build_lrcl_trainer(data_args, config)
+    # Expected failures (missing config or dataset, bad fields or data) end with one `error:` line, exit code 1.
+    data_args, config = parse_recipe_args(DataArguments, LRCLConfig)
+    check_dataset(data_args.dataset)
+    with expected_failures():
+        trainer = build_lrcl_trainer(data_args, config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     finish_training(trainer, config.output_dir)
 
