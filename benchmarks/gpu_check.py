@@ -15,7 +15,8 @@ Sections, each recorded (numbers, or the error) as soon as it ends, so a run cut
   crrl_single, crrl_zero2               recipes/crrl.py (10 steps) from lrcl_single's checkpoint
   export         `reaemb export` of the whole catalogue (10k items) from lrcl_single's checkpoint, one process
 Launches in the same phase run side by side (the card has room); their step times are therefore indicative only,
-the benchmarks run alone. Writes OUT/gpu_check.json and OUT/gpu_check.md; working files go to a temporary folder.
+the benchmarks run alone. Writes OUT/gpu_check.json and OUT/gpu_check.md; working files (models, checkpoints,
+launch logs) go to a temporary folder, removed at the end unless --keep-work.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import runpy
+import shutil
 import socket
 import subprocess
 import sys
@@ -246,8 +248,14 @@ def recipe_args(run: Run, recipe: str, data: Path, backbone: str, out: Path, wor
         return ["--config", f"recipes/configs/{config}", "--model_name_or_path", backbone,
                 "--max_prompt_length", str(run.prompt_tokens), "--per_device_train_batch_size", str(run.lrcl_batch),
                 *common]  # fmt: skip
-    config = "crrl_tiny.yaml" if run.tiny else "crrl_paper.yaml"
-    return ["--config", f"recipes/configs/{config}", "--lrcl_checkpoint", str(work / "lrcl_single"), *common]
+    if run.tiny:
+        return ["--config", "recipes/configs/crrl_tiny.yaml", "--lrcl_checkpoint", str(work / "lrcl_single"), *common]
+    # The paper's shape (batch 32 = 4 items x G 8, N 10, sigma 0.1, 2 iterations, frozen LLM in bf16). A smooth
+    # reward next to the rank reward: on random weights every copy of an item often gets the same rank, which
+    # leaves the whole batch without advantage and the thought module without an update.
+    return ["--config", "recipes/configs/crrl_paper.yaml", "--lrcl_checkpoint", str(work / "lrcl_single"),
+            "--reward_funcs", "rank", "softmax", "--reward_weights", "1.0", "1.0", "--similarity", "cosine",
+            "--reward_temperature", "0.05", *common]  # fmt: skip
 
 
 def start_launch(run: Run, name: str, config: str, recipe: str, args: list[str], work: Path):
@@ -314,7 +322,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few items")
-    parser.add_argument("--launch-timeout", type=float, default=420.0, help="seconds per launched phase")
+    parser.add_argument("--launch-timeout", type=float, default=300.0, help="seconds per launched run")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary folder (models, checkpoints)")
     args = parser.parse_args()
     run = Run(args.tiny)
     output = Path(args.output)
@@ -371,6 +380,8 @@ def main() -> None:
     summary["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     summary["targets"] = evaluate_targets(summary)
     write_summary(summary, output)
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [n for n, s in summary["sections"].items() if s["status"] == "error"]
     print(f"[gpu_check] done in {summary['elapsed_seconds']} s; summary in {output}; failed: {failed or 'none'}")
     sys.exit(1 if failed else 0)
