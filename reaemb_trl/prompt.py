@@ -1,4 +1,5 @@
-"""The one item-prompt formatter (SPEC 1), used by LRCL, CRRL and export, and saved with every checkpoint."""
+"""The one item-prompt formatter, used by LRCL, CRRL and export and saved with every checkpoint (docs/method.md,
+"The item prompt")."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class ItemPromptFormatter:
         value = " ".join(str(value).replace(";", ".").split())  # newlines -> spaces, `;` is our separator
         return value[: self.max_value_chars if max_chars is None else max_chars]
 
-    def render_attributes(self, attributes: Attributes) -> str:
-        return "; ".join(f"{k} is {self.clean_value(v)}" for k, v in attributes)
+    def render_attributes(self, attributes: Attributes, max_chars: int | None = None) -> str:
+        """The item text: `key is value` pairs joined by `; `, each value cleaned and cut to `max_chars`."""
+        return "; ".join(f"{k} is {self.clean_value(v, max_chars)}" for k, v in attributes)
 
     def _user_text(self, body: str, tokenizer) -> str:
         content = self.user_prefix + body
@@ -62,7 +64,7 @@ class ItemPromptFormatter:
         return [thought_id, tokenizer.eos_token_id]
 
     def _prefix_ids(self, attributes: Attributes, tokenizer, value_chars: int | None = None) -> list[int]:
-        body = "; ".join(f"{k} is {self.clean_value(v, value_chars)}" for k, v in attributes)
+        body = self.render_attributes(attributes, value_chars)
         return tokenizer(self._user_text(body, tokenizer), add_special_tokens=False)["input_ids"]
 
     def prefix_ids(self, attributes: Any, tokenizer) -> list[int]:
@@ -102,9 +104,6 @@ class ItemPromptFormatter:
         while tail < min(n - start, m - start) and prefix_ids[n - 1 - tail] == template[m - 1 - tail]:
             tail += 1
         return start, n - tail
-
-    def input_ids(self, attributes: Any, tokenizer) -> list[int]:
-        return self.prefix_ids(attributes, tokenizer) + self.suffix_ids(tokenizer)
 
     # ---- persistence ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -12,7 +12,9 @@ import torch
 from conftest import ITEMS
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+# YAML files in recipes/configs that are not recipe arguments, and the test that loads each of them.
+OTHER_LOADERS = {"quickstart.yaml": "tests/test_quickstart.py::test_shipped_settings_load (QuickstartSettings)"}
+CONFIGS = sorted(p for p in (REPO / "recipes" / "configs").glob("*.yaml") if p.name not in OTHER_LOADERS)
 
 
 def _parser_for(config: Path):

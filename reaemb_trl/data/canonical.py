@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -267,6 +268,9 @@ class RecDataset:
 
 
 def load_rec_dataset(folder: str | Path) -> RecDataset:
+    """Deprecated: use `RecDataset.load(folder)`."""
+    warnings.warn("reaemb_trl.data.load_rec_dataset is deprecated; use reaemb_trl.data.RecDataset.load(folder)",
+                  DeprecationWarning, stacklevel=2)
     return RecDataset.load(folder)
 
 

@@ -1,0 +1,29 @@
+"""The package surface: lazy exports that `dir()` shows, deprecated names that still work."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_dir_lists_the_lazy_public_names():
+    import reaemb_trl
+
+    names = dir(reaemb_trl)
+    assert set(reaemb_trl.__all__) <= set(names), sorted(set(reaemb_trl.__all__) - set(names))
+    assert {"ThoughtEmbedder", "LRCLTrainer", "CRRLTrainer", "export_table", "__version__"} <= set(names)
+    assert names == sorted(names)
+    for name in reaemb_trl.__all__:  # every listed name resolves
+        assert getattr(reaemb_trl, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        reaemb_trl.nope  # noqa: B018
+
+
+def test_load_rec_dataset_is_deprecated_but_works(tmp_path):
+    from conftest import ITEMS
+    from reaemb_trl.data import RecDataset, load_rec_dataset
+    from reaemb_trl.data.canonical import make_item, write_dataset
+
+    write_dataset(tmp_path / "d", [make_item(str(i), a) for i, a in enumerate(ITEMS)], {"u": ["0", "1"]}, "test")
+    with pytest.warns(DeprecationWarning, match=r"RecDataset\.load"):
+        dataset = load_rec_dataset(tmp_path / "d")
+    assert isinstance(dataset, RecDataset) and dataset.sequences == {"u": ["0", "1"]}
