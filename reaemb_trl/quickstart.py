@@ -139,6 +139,8 @@ def train_crrl(settings: QuickstartSettings, data) -> dict:
             "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None,
             "frac_reward_zero_std": _mean_logged(history, "frac_reward_zero_std"),
             "clip_region": _mean_logged(history, "clip_ratio/region_mean"),
+            "log_ratio_iter2": _mean_logged(history, "policy/log_ratio_abs/iter2"),
+            "delta_mu_iter2": _mean_logged(history, "policy/delta_mu_over_sigma/iter2"),
             "yardstick_start": before, "yardstick_end": after}
 
 

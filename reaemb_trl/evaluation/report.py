@@ -28,7 +28,7 @@ def history_sentence(results: dict) -> str:
     return f"History kept{why}: a user's earlier items stay candidates in training and ranking."
 
 
-def aggregate(runs: dict, config, split, specs, compare=()) -> dict:
+def aggregate(runs: dict, config, split, specs, compare=(), baseline_pairs: bool = True) -> dict:
     """runs: {table name: [RunResult, ...]} -> the results dict (per table and group: mean, sample std and
     per-seed values with the group size; paired tests; provenance)."""
     from reaemb_trl.evaluation.runner import MOSTPOP, group_masks
@@ -64,11 +64,12 @@ def aggregate(runs: dict, config, split, specs, compare=()) -> dict:
             "source": spec.source, "mode": None if spec.source in ("id", MOSTPOP) else spec.mode,
             "seeds": [r.seed for r in results], "best_epochs": [r.best_epoch for r in results],
             "epochs_run": [r.epochs_run for r in results], "seconds": [r.seconds for r in results],
+            "valid_ndcg10": [_clean(r.best_valid_ndcg10) for r in results],  # the early-stopping (validation) score
             "groups": groups, "test_ranks": [r.test_ranks for r in results],
         }
         per_user[name] = ndcg_at(np.array([r.test_ranks for r in results])).mean(axis=0)
     masks = group_masks(split, split.test, config.tail_user_threshold, config.tail_item_threshold)
-    pairs = default_pairs(list(runs), compare)
+    pairs = default_pairs(list(runs), compare, baseline_pairs)
     out["comparisons"] = paired_tests(per_user, pairs, {g: m for g, m in masks.items() if m.any()})
     out["wall_seconds"] = round(sum(s for t in out["tables"].values() for s in t["seconds"]), 1)
     return out

@@ -391,9 +391,10 @@ def table_specs(tables, modes=None) -> list[TableSpec]:
 
 
 def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, progress: bool = True,
-                   compare=(), modes=None) -> dict:
+                   compare=(), modes=None, baseline_pairs: bool = True) -> dict:
     """Train and test `config.model` once per (table, seed) on the same split, aggregate the results and run the
-    paired tests (`significance.default_pairs` plus the `compare` pairs, "A:B" or (A, B)).
+    paired tests (`significance.default_pairs` - unless `baseline_pairs` is False - plus the `compare` pairs,
+    "A:B" or (A, B)).
 
     dataset: a RecDataset or a canonical folder path. tables: "id", "mostpop", .safetensors paths or TableSpecs
     (files run once per mode in `modes`). seeds: a count (0..n-1) or a list. MostPop is deterministic and runs once.
@@ -414,4 +415,4 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
     jobs = [(spec, seed) for spec in specs for seed in (seed_list[:1] if spec.source == MOSTPOP else seed_list)]
     for spec, seed in tqdm(jobs, desc="runs", disable=not progress):
         runs[spec.name].append(train_and_evaluate(split, spec, config, seed, progress))
-    return aggregate(runs, config, split, specs, compare)
+    return aggregate(runs, config, split, specs, compare, baseline_pairs)

@@ -60,14 +60,16 @@ def parse_pair(pair: str | Sequence[str]) -> tuple[str, str]:
     return str(a), str(b)
 
 
-def default_pairs(names: Sequence[str], extra: Iterable[str | Sequence[str]] = ()) -> list[tuple[str, str]]:
-    """Every table against `id`; every LLM table (not id/mostpop/raw) against `raw` when a `raw` table exists;
-    then the `extra` pairs (e.g. stage against stage: lrcl:raw, crrl:lrcl). Duplicates are dropped."""
+def default_pairs(names: Sequence[str], extra: Iterable[str | Sequence[str]] = (),
+                  baselines: bool = True) -> list[tuple[str, str]]:
+    """With `baselines`: every table against `id`, and every LLM table (not id/mostpop/raw) against `raw` when a
+    `raw` table exists; then the `extra` pairs (e.g. stage against stage: lrcl:raw, crrl:lrcl). Duplicates are
+    dropped."""
     pairs: list[tuple[str, str]] = []
     llm = [n for n in names if n not in FIXED_BASELINES and n.split("@")[0] != "raw"]
-    if "id" in names:
+    if baselines and "id" in names:
         pairs += [(n, "id") for n in names if n != "id"]
-    if "raw" in names:
+    if baselines and "raw" in names:
         pairs += [(n, "raw") for n in llm]
     for pair in extra:
         a, b = parse_pair(pair)

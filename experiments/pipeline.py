@@ -1,0 +1,127 @@
+"""What the experiment scripts share: one dataset read once, LRCL/CRRL runs through the quickstart's stage functions,
+tables, the frozen CRRL yardstick and the downstream validation score. Run by hand, never in CI."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from reaemb_trl.builders import DataArguments, LoadedDataset
+from reaemb_trl.quickstart import SETTINGS_FILE, QuickstartSettings, fetch_data, train_crrl, train_lrcl
+
+HELD_OUT_FRACTION = 0.2  # the same held-out items as CRRL's eval_item_fraction in the quickstart
+
+
+def base_settings(output: Path, seed: int = 42) -> QuickstartSettings:
+    """The quickstart's settings (recipes/configs/quickstart.yaml) with another output folder and seed."""
+    return replace(QuickstartSettings.from_yaml(SETTINGS_FILE), output=Path(output), seed=seed)
+
+
+def load_data(settings: QuickstartSettings) -> LoadedDataset:
+    if not (settings.output / "data" / "items.jsonl").exists():
+        settings.output.mkdir(parents=True, exist_ok=True)
+        fetch_data(settings)
+    return LoadedDataset.load(DataArguments(dataset=str(settings.output / "data")), with_sequences=True)
+
+
+def timed(fn, *args) -> tuple[object, float]:
+    start = time.time()
+    out = fn(*args)
+    return out, round(time.time() - start, 1)
+
+
+def run_lrcl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
+    """Train LRCL unless its checkpoint exists; returns the stage info (steps, losses, seconds)."""
+    marker = settings.output / "lrcl.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    info, seconds = timed(train_lrcl, settings, data)
+    info["seconds"] = seconds
+    marker.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def run_crrl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
+    marker = settings.output / "crrl.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    info, seconds = timed(train_crrl, settings, data)
+    info["seconds"] = seconds
+    marker.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def table_of(checkpoint: Path, data: LoadedDataset, path: Path, settings: QuickstartSettings,
+             use_thought: bool = True, backbone: str | None = None) -> Path:
+    """Export the table of a checkpoint (or of the bare backbone, `use_thought=False`) unless it exists."""
+    from reaemb_trl.embedder import ThoughtEmbedder
+    from reaemb_trl.export import export_table
+
+    if path.exists():
+        return path
+    if use_thought:
+        embedder = ThoughtEmbedder.from_pretrained(checkpoint, device=settings.device)
+        source = str(checkpoint)
+    else:
+        like = ThoughtEmbedder.from_pretrained(checkpoint, device=settings.device)
+        embedder = ThoughtEmbedder.from_backbone(backbone or settings.backbone, formatter=like.formatter,
+                                                 pooling=like.pooling).to(settings.device)
+        source = backbone or settings.backbone
+    export_table(embedder, data.rows, path, source=source, use_thought=use_thought,
+                 batch_size=settings.export_batch, progress=False)
+    return path
+
+
+def yardstick_for(data: LoadedDataset):
+    from reaemb_trl.crrl_eval import CRRLYardstick, held_out_items
+
+    ids = [r["item_id"] for r in data.rows]
+    return CRRLYardstick(data.sequences, ids, held_out_items(ids, HELD_OUT_FRACTION))
+
+
+def yardstick_scores(table_path: Path, yardstick) -> dict:
+    from reaemb_trl.item_table import read_table
+
+    table = read_table(table_path)
+    return yardstick.score(table.embeddings, table.item_ids)
+
+
+def downstream(table_paths: dict[str, Path], data: LoadedDataset, settings: QuickstartSettings, seeds=1,
+               modes=("frozen",), compare=(), baseline_pairs: bool = True) -> dict:
+    """compare_tables over MostPop, ids and the given tables with the quickstart's evaluation settings."""
+    from reaemb_trl.evaluation.runner import EvalConfig, TableSpec, compare_tables
+
+    specs = [TableSpec("mostpop", "mostpop"), TableSpec("id", "id")]
+    for mode in modes:
+        suffix = "" if mode == "frozen" else f"@{mode}"
+        specs += [TableSpec(name + suffix, str(path), mode) for name, path in table_paths.items()]
+    config = EvalConfig(**{"device": settings.device, **settings.evaluation})
+    return compare_tables(data.rec_dataset(), specs, seeds, config, progress=False, compare=list(compare),
+                          baseline_pairs=baseline_pairs)
+
+
+def validation_score(results: dict, name: str) -> tuple[float, float]:
+    """Mean and sample std over seeds of a table's best validation NDCG@10 (what ablations choose by)."""
+    import statistics
+
+    values = [v for v in results["tables"][name]["valid_ndcg10"] if v is not None]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(mean, std=None, digits=4) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+__all__ = ["HELD_OUT_FRACTION", "base_settings", "downstream", "fmt", "load_data", "run_crrl", "run_lrcl",
+           "table_of", "torch", "write_json", "yardstick_for", "yardstick_scores"]
