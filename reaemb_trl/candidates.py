@@ -1,4 +1,5 @@
-"""Co-occurrence candidates for CRRL (SPEC 4): top-m co-occurring positives plus never-co-occurring negatives.
+"""Co-occurrence candidates for CRRL (docs/method.md, "CRRL"): top-m co-occurring positives plus never-co-occurring
+negatives.
 
     index = CooccurrenceCandidates.from_sequences(user_sequences, candidate_num=10, pos_num=1, seed=42)
     ids, weights = index.candidates(["item_7", "item_9"], epoch=0)   # (2, 10) ids, (2, 10) positive weights

@@ -1,4 +1,5 @@
-"""CRRLConfig: stage-2 training arguments (SPEC 4), a `trl.GRPOConfig` with the latent-action fields.
+"""CRRLConfig: stage-2 training arguments (docs/method.md, "CRRL"), a `trl.GRPOConfig` with the latent-action
+fields.
 
 TRL's own semantics hold: `per_device_train_batch_size` counts rows (noisy copies), `num_generations` (G) copies
 of an item form a group, `generation_batch_size` / `steps_per_generation` set how many rows are generated at once.

@@ -1,4 +1,5 @@
-"""Export an item-embedding table (SPEC 5): encode every item once and write it with ids and metadata.
+"""Export an item-embedding table (docs/method.md, "Export"): encode every item once and write it with ids and
+metadata.
 
 The file format (reading, writing, metadata, PCA, alignment by id) lives in `reaemb_trl.item_table`.
 

@@ -1,4 +1,5 @@
-"""LRCL contrastive losses (SPEC 3). Each returns a dict of components; `loss` is the one to minimise."""
+"""LRCL contrastive losses (docs/method.md, "LRCL"). Each returns a dict of components; `loss` is the one to
+minimise."""
 
 from __future__ import annotations
 

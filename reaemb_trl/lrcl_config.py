@@ -1,4 +1,5 @@
-"""LRCLConfig: stage-1 training arguments (SPEC 3). Defaults are the paper's setting unless noted."""
+"""LRCLConfig: stage-1 training arguments (docs/method.md, "LRCL"). Defaults are the paper's setting unless
+noted."""
 
 from __future__ import annotations
 

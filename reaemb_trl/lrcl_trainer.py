@@ -1,4 +1,5 @@
-"""LRCLTrainer: stage 1 of ReaEmb, contrastive training of the LLM (LoRA) and the latent thought module (SPEC 3)."""
+"""LRCLTrainer: stage 1 of ReaEmb, contrastive training of the LLM (LoRA) and the latent thought module
+(docs/method.md, "LRCL")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CRRL reward functions (SPEC 4), following TRL's reward contract.
+"""CRRL reward functions (docs/method.md, "CRRL"), following TRL's reward contract.
 
 A reward function is called once per generation batch with keyword arguments only and returns one
 `float | None` per row (a row = one noisy copy of one item); `None` means "cannot score this row" and is handled

@@ -1,4 +1,5 @@
-"""The latent thought module (SPEC 2): one attention head that reads the LLM's states and writes the thought vector."""
+"""The latent thought module (docs/method.md, "The thought module"): one attention head that reads the LLM's states
+and writes the thought vector."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from reaemb_trl.lrcl_trainer import draw_views
 
 
 def _hand_soft_loss(x, y, tau):
-    """SPEC 3 written out with Python loops."""
+    """The LRCL loss of docs/method.md, "LRCL", written out with Python loops."""
     n = len(x)
     dot = lambda a, b: sum(p * q for p, q in zip(a, b))  # noqa: E731
     z = [[dot(x[i], y[j]) / tau for j in range(n)] for i in range(n)]

@@ -27,3 +27,25 @@ def test_load_rec_dataset_is_deprecated_but_works(tmp_path):
     with pytest.warns(DeprecationWarning, match=r"RecDataset\.load"):
         dataset = load_rec_dataset(tmp_path / "d")
     assert isinstance(dataset, RecDataset) and dataset.sequences == {"u": ["0", "1"]}
+
+
+def test_references_to_doc_sections_name_existing_sections():
+    """Every `docs/<name>.md, "<Section>"` pointer in code, configs, tests and docs names a heading of that file."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [p for pattern in ("reaemb_trl/**/*.py", "recipes/**/*.py", "recipes/**/*.yaml", "tests/*.py", "docs/*.md",
+                               "examples/*.py", "README.md") for p in repo.glob(pattern)]  # fmt: skip
+    pointer = re.compile(r'docs/([\w-]+\.md)`?,\s*(?:#\s*)?"([^"]{1,80})"')
+    headings: dict[str, set[str]] = {}
+    bad = []
+    for path in files:
+        for doc, section in pointer.findall(path.read_text(encoding="utf-8")):
+            section = " ".join(section.replace("#", " ").split())
+            if doc not in headings:
+                text = (repo / "docs" / doc).read_text(encoding="utf-8") if (repo / "docs" / doc).is_file() else ""
+                headings[doc] = {line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")}
+            if section not in headings[doc]:
+                bad.append(f"{path.relative_to(repo)}: docs/{doc}, {section!r}")
+    assert not bad, "pointers to missing doc sections:\n" + "\n".join(bad)

@@ -245,7 +245,8 @@ def read_lcrec(path: str | Path, strict: bool = True) -> RecDataset:
     return b.build("lcrec", sort_by_time=False)
 
 
-# RecBole ml-* field names -> the attribute keys the prompt uses (SPEC 1: title, year, genres).
+# RecBole ml-* field names -> the attribute keys the prompt uses (title, year, genres; docs/method.md,
+# "The item prompt").
 _RECBOLE_KEYS = {"movie_title": "title", "release_year": "year", "class": "genres"}
 
 
