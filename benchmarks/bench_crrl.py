@@ -86,7 +86,8 @@ def main() -> None:
     print_table([{**r, "vs_literal": f"{r['vs_literal']:.2f}x"} for r in results],
                 ["path", "step_ms", "actions_per_s", "peak_mib", "vs_literal"])
     if args.json:
-        write_json(args.json, "crrl_step", title, vars(args), [{k: v for k, v in r.items() if k != "seconds"} for r in results])
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in results]
+        write_json(args.json, "crrl_step", title, vars(args), rows)
 
 
 if __name__ == "__main__":

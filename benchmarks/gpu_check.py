@@ -29,6 +29,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -236,6 +237,10 @@ def launch_command(run: Run, config: str, recipe: str, recipe_args: list[str]) -
     if run.tiny:
         topology += ["--mixed_precision", "no"] + (["--cpu"] if config == "single_gpu.yaml" else [])
         recipe_args = recipe_args + ["--use_cpu", "true", "--bf16", "false"]
+    elif recipe == "crrl":
+        # crrl_paper.yaml: LLM frozen in bf16 (model_dtype), trainer in fp32 (bf16: false). The configs' bf16 would
+        # contradict it, which the DeepSpeed integration refuses ("ds bf16.enabled=True vs hf bf16=False").
+        topology += ["--mixed_precision", "no"]
     return [sys.executable, "-m", "accelerate.commands.launch", *topology, str(BENCH / "recipe_probe.py"), recipe,
             *recipe_args]  # fmt: skip
 
@@ -258,31 +263,54 @@ def recipe_args(run: Run, recipe: str, data: Path, backbone: str, out: Path, wor
             "--reward_temperature", "0.05", *common]  # fmt: skip
 
 
-def start_launch(run: Run, name: str, config: str, recipe: str, args: list[str], work: Path):
-    env = {**os.environ, "PROBE_DIR": str(work / f"{name}.probe"), "TOKENIZERS_PARALLELISM": "false",
+def child_env(run: Run, **extra: str) -> dict:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **extra,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if run.tiny:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = launch_command(run, config, recipe, args)
+    return env
+
+
+CHILDREN: list[subprocess.Popen] = []
+
+
+def spawn(name: str, command: list[str], env: dict, work: Path, config: str, shown: str) -> dict:
+    """Start a child in its own process group, so that a timeout ends the launcher and its workers together (a
+    group, not a session: whatever ends this command's session still ends them), output to a log."""
     log = open(work / f"{name}.log", "w")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    CHILDREN.append(process)
     return {"name": name, "process": process, "log": log, "start": time.perf_counter(), "config": config,
-            "command": " ".join(["accelerate launch", *command[3:]])}
+            "command": shown}
 
 
-def finish_launch(job: dict, work: Path, timeout: float) -> dict:
+def wait(job: dict, work: Path, timeout: float) -> int | str:
     try:
         code = job["process"].wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        job["process"].kill()
+        os.killpg(job["process"].pid, signal.SIGKILL)
+        job["process"].wait()
         code = "timeout"
     job["log"].close()
+    if code != 0:
+        tail = (work / f"{job['name']}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"exit {code} after {time.perf_counter() - job['start']:.0f} s; log tail:\n{tail}")
+    return code
+
+
+def start_launch(run: Run, name: str, config: str, recipe: str, args: list[str], work: Path) -> dict:
+    command = launch_command(run, config, recipe, args)
+    env = child_env(run, PROBE_DIR=str(work / f"{name}.probe"))
+    return spawn(name, command, env, work, config, " ".join(["accelerate launch", *command[3:]]))
+
+
+def finish_launch(job: dict, work: Path, timeout: float) -> dict:
+    code = wait(job, work, timeout)
     result = {"config": job["config"], "command": job["command"], "exit": code,
               "wall_seconds": round(time.perf_counter() - job["start"], 1)}  # fmt: skip
     report = work / f"{job['name']}.probe" / "report.json"
-    if code != 0 or not report.exists():
-        tail = (work / f"{job['name']}.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"exit {code}; log tail:\n{tail}")
+    if not report.exists():
+        raise RuntimeError(f"the probe wrote no {report.name}")
     result.update(json.loads(report.read_text()))
     return result
 
@@ -290,26 +318,14 @@ def finish_launch(job: dict, work: Path, timeout: float) -> dict:
 def export_job(run: Run, data: Path, work: Path) -> dict:
     command = [sys.executable, "-m", "reaemb_trl.export_cli", "--checkpoint", str(work / "lrcl_single"), "--data",
                str(data), "--output", str(work / "table.safetensors"), "--device", run.device, "--batch-size", "64"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    log = open(work / "export.log", "w")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return {"name": "export", "process": process, "log": log, "start": time.perf_counter(), "config": "one process",
-            "command": " ".join(["reaemb export", *command[3:]])}
+    return spawn("export", command, child_env(run), work, "one process", " ".join(["reaemb export", *command[3:]]))
 
 
 def finish_export(job: dict, work: Path, timeout: float, items: int) -> dict:
     from safetensors import safe_open
 
-    try:
-        code = job["process"].wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        job["process"].kill()
-        code = "timeout"
-    job["log"].close()
+    wait(job, work, timeout)
     seconds = time.perf_counter() - job["start"]
-    if code != 0:
-        raise RuntimeError(f"exit {code}; log tail:\n{(work / 'export.log').read_text(errors='replace')[-3000:]}")
     with safe_open(str(work / "table.safetensors"), "pt") as table:
         embeddings = table.get_tensor("embeddings")
     return {"command": job["command"], "items": items, "wall_seconds": round(seconds, 1),
@@ -317,8 +333,20 @@ def finish_export(job: dict, work: Path, timeout: float, items: int) -> dict:
             "finite": bool(embeddings.isfinite().all()), "rows_match": embeddings.shape[0] == items}  # fmt: skip
 
 
-# ---- main -------------------------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------------------
+def stop_children(signum=None, frame=None) -> None:
+    """End the launched process groups (on SIGTERM/SIGINT too: a cut-short run leaves nothing on the card)."""
+    for process in CHILDREN:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    if signum is not None:
+        sys.exit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few items")

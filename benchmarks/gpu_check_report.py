@@ -69,7 +69,7 @@ def evaluate_targets(summary: dict) -> list[dict]:
     return out
 
 
-# ---- files ------------------------------------------------------------------------------------------------------------
+# ---- files -----------------------------------------------------------------------------------------------------------
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -146,13 +146,15 @@ def markdown(summary: dict) -> str:
     if errors:
         lines += ["", "## Errors and skipped sections", ""]
         for name, s in errors.items():
-            lines += [f"### {name} ({s['status']})", "", "```", (s.get("error") or s.get("reason") or "")[-3000:], "```"]
+            text = (s.get("error") or s.get("reason") or "")[-3000:]
+            lines += [f"### {name} ({s['status']})", "", "```", text, "```"]
     return "\n".join(lines) + "\n"
 
 
 def write_summary(summary: dict, output: Path) -> None:
     """gpu_check.json (everything) and gpu_check.md (the tables), replaced atomically after every section."""
-    for name, text in (("gpu_check.json", json.dumps(summary, indent=2, default=str)), ("gpu_check.md", markdown(summary))):
+    files = {"gpu_check.json": json.dumps(summary, indent=2, default=str), "gpu_check.md": markdown(summary)}
+    for name, text in files.items():
         tmp = output / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(output / name)

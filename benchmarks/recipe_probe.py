@@ -69,7 +69,8 @@ def _holding(trainer) -> dict:
 
 def _wrap_train(real_train):
     def train(self, *args, **kwargs):
-        state["before"] = {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self.model.named_parameters()
+        state["before"] = {n: p.detach().float().cpu().clone() for n, p in params if p.requires_grad}
         start = time.perf_counter()
         result = real_train(self, *args, **kwargs)
         state["train_seconds"] = time.perf_counter() - start
@@ -88,14 +89,16 @@ def _wrap_finish(real_finish, recipe: str, probe_dir: Path):
         # ZeRO-3 partitions parameters before training starts: those have no full "before" to compare with
         before = state["before"]
         comparable = [n for n, v in live.items() if n in before and before[n].shape == v.shape]
+        key = "train_steps_per_second"
         report = {
             "recipe": recipe, "world": accelerator.num_processes, "holding": _holding(trainer),
             "steps": trainer.state.global_step, "losses": [h["loss"] for h in history if "loss" in h],
             "train_seconds": state.get("train_seconds"),
-            "train_steps_per_second": next((h["train_steps_per_second"] for h in history if "train_steps_per_second" in h), None),
+            "train_steps_per_second": next((h[key] for h in history if key in h), None),
             "trainable": len(live),
             "compared_with_start": len(comparable),
             "changed": sum(not torch.equal(live[n], before[n]) for n in comparable),
+            "unchanged": [n for n in comparable if torch.equal(live[n], before[n])][:10],
             "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         }  # fmt: skip

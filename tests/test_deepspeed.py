@@ -100,10 +100,12 @@ def _launch(config: str, out: Path, processes: int, driver: str = DRIVER, args: 
         ds_config.write_text(json.dumps(ZERO3_NO_PERSISTENCE))
         topology = ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0", str(script), *args]  # fmt: skip
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0",
+           str(script), *args]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # The offload config compiles DeepSpeed's CPUAdam op on first use (minutes on 2 cores); later runs reuse it.
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900 if "offload" in config else 300)
+    timeout = 900 if "offload" in config else 300
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("DeepSpeed's CPU accelerator compiles its ops on first use: needs ninja + a C++ compiler")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
