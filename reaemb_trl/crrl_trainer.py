@@ -217,6 +217,54 @@ def cat_prefix_states(parts: list[PrefixStates]) -> PrefixStates:
     )
 
 
+class PrefixStore:
+    """The prefix states of a frozen LLM, one unpadded row per item, kept across rollouts (the LLM never changes
+    during CRRL, so an item's prefix is encoded once per run instead of once per rollout) up to a memory budget;
+    items beyond it are encoded again when needed. Rows are re-padded on the left when assembled: masked positions
+    carry no weight, so the suffix sees the same keys and values."""
+
+    def __init__(self, budget_bytes: float):
+        self.budget = budget_bytes
+        self.used = 0
+        self.full = False  # set once a row did not fit: later requests skip the store
+        self.rows: dict[str, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = {}
+
+    def add(self, item_ids: Sequence[str], prefix: PrefixStates) -> None:
+        for r, item in enumerate(item_ids):
+            if item in self.rows:
+                continue
+            real = prefix.mask[r]
+            hidden = prefix.hidden[r][real]
+            kv = [(k[r][:, real], v[r][:, real]) for k, v in prefix.past_key_values]
+            pool = None if prefix.pool_mask is None else prefix.pool_mask[r][real]
+            size = hidden.numel() * hidden.element_size() + sum(2 * k.numel() * k.element_size() for k, _ in kv)
+            if self.used + size > self.budget:
+                self.full = True
+                return
+            self.rows[item] = (hidden, kv, pool)
+            self.used += size
+
+    def assemble(self, item_ids: Sequence[str]) -> PrefixStates:
+        rows = [self.rows[i] for i in item_ids]
+        width = max(h.shape[0] for h, _, _ in rows)
+        batch, first = len(rows), rows[0]
+        hidden = first[0].new_zeros(batch, width, first[0].shape[-1])
+        mask = torch.zeros(batch, width, dtype=torch.bool, device=first[0].device)
+        pool = None if first[2] is None else torch.zeros_like(mask)
+        kv = [(k.new_zeros(batch, k.shape[0], width, k.shape[-1]), v.new_zeros(batch, v.shape[0], width, v.shape[-1]))
+              for k, v in first[1]]
+        for r, (h, layers, p) in enumerate(rows):
+            n = h.shape[0]
+            hidden[r, width - n:] = h
+            mask[r, width - n:] = True
+            if pool is not None:
+                pool[r, width - n:] = p
+            for (k_out, v_out), (k, v) in zip(kv, layers):
+                k_out[r, :, width - n:] = k
+                v_out[r, :, width - n:] = v
+        return PrefixStates(hidden, mask, mask.sum(-1), kv, pool)
+
+
 @contextmanager
 def _thought_swapped(embedder: ThoughtEmbedder, module: nn.Module):
     original = embedder.thought
@@ -386,6 +434,8 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         self._prefix_ids_cache: dict[str, list[int]] = {}
         self._prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._reference: dict[str, Any] | None = None  # catalogue table of the current thought module
+        frozen_llm = not args.train_lora and args.forward_method == "fast"
+        self._prefix_store = PrefixStore(args.prefix_cache_gb * 2**30) if frozen_llm and args.prefix_cache_gb > 0 else None
         self._rollout_global_step = -1
         self._eval_generations = 0
         self._last_generation: dict[str, Any] = {}
@@ -492,7 +542,16 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         training = policy.training
         with self.accelerator.autocast(), gathered_for_rollout(self.model_wrapped, self.accelerator,
                                                                self.args.ds3_gather_for_generation):
-            table = self.embedder.encode([self.catalogue[i] for i in ids], batch_size=self.args.embed_batch_size)
+            if self._prefix_store is None:
+                table = self.embedder.encode([self.catalogue[i] for i in ids], batch_size=self.args.embed_batch_size)
+            else:  # the frozen LLM's prefixes come from the store: only the thought module and the suffix run
+                chunk, emb, parts = self.args.embed_batch_size, self.embedder, []
+                by_length = sorted(ids, key=lambda i: len(self._item_prefix_ids(i)))
+                for start in range(0, len(by_length), chunk):
+                    prefix = self._encode_prefixes(by_length[start : start + chunk])
+                    parts.append(emb.embed_from_thought(prefix, emb.thought_vector(prefix)).float())
+                order = {item: n for n, item in enumerate(by_length)}
+                table = torch.cat(parts)[torch.tensor([order[i] for i in ids], device=parts[0].device)]
         policy.train(training)  # encode() restores the embedder's mode; the policy keeps the frozen LLM in eval
         return ids, table.to(self.accelerator.device)
 
@@ -516,12 +575,19 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         return similarity_matrix(items, cands, kind)
 
     # ---- the latent rollout ------------------------------------------------------------------------------------
+    @torch.no_grad()
     def _encode_prefixes(self, item_ids: list[str]) -> PrefixStates:
-        emb, chunk = self.embedder, self.args.embed_batch_size
-        return cat_prefix_states(
-            [emb.encode_prefix([self._item_prefix_ids(i) for i in item_ids[s : s + chunk]])
-             for s in range(0, len(item_ids), chunk)]
-        )
+        """Prefix states of `item_ids` (in order): from the store when the LLM is frozen, else encoded now."""
+        emb, chunk, store = self.embedder, self.args.embed_batch_size, self._prefix_store
+        if store is not None and not store.full:
+            missing = [i for i in dict.fromkeys(item_ids) if i not in store.rows]
+            for s in range(0, len(missing), chunk):
+                part = missing[s : s + chunk]
+                store.add(part, emb.encode_prefix([self._item_prefix_ids(i) for i in part]))
+        if store is not None and all(i in store.rows for i in item_ids):
+            return store.assemble(item_ids)
+        return cat_prefix_states([emb.encode_prefix([self._item_prefix_ids(i) for i in item_ids[s : s + chunk]])
+                                  for s in range(0, len(item_ids), chunk)])
 
     @torch.no_grad()
     def _embed_fast(self, item_ids, candidate_ids, eps, mode):

@@ -117,16 +117,46 @@ def test_cross_entropy_equals_a_hand_computation():
     torch.manual_seed(0)
     states, items = torch.randn(3, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
     targets = torch.tensor([2, 5, 1])
-    excluded = torch.zeros(3, 6, dtype=torch.bool)
-    excluded[0, [1, 2, 3]] = True  # the target (2) must stay a candidate
-    excluded[2, 4] = True
-    loss = full_softmax_loss(states, items, targets, excluded)
+    # one user per row; row 0 had items 1, 2, 3 before (2 is also its target: it must stay a candidate), row 2 had 4
+    users = torch.tensor([[1, 2, 3, 0], [5, 0, 0, 0], [4, 1, 0, 0]])
+    first = first_seen(users, 5)
+    history = (first, torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]))
+    loss = full_softmax_loss(states, items, targets, history, chunk_rows=2)
     expected = 0.0
+    excluded = [{1, 3}, set(), {4}]
     for r in range(3):
-        candidates = [c for c in range(1, 6) if c == targets[r] or not excluded[r, c]]
+        candidates = [c for c in range(1, 6) if c not in excluded[r]]
         logits = torch.stack([states[r] @ items[c] for c in candidates])
         expected += -(logits[candidates.index(int(targets[r]))] - torch.logsumexp(logits, 0))
     assert loss.item() == pytest.approx(expected.item() / 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_cross_entropy_gradients_equal_the_full_logit_path(autocast):
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.float64
+    states = torch.randn(37, 8, dtype=dtype, requires_grad=True)
+    items = torch.randn(30, 8, dtype=dtype, requires_grad=True)
+    targets = torch.randint(1, 30, (37,))
+    users = torch.randint(0, 30, (5, 12))
+    rows, limit = torch.randint(0, 5, (37,)), torch.randint(0, 13, (37,))
+    first = first_seen(users, 29)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = full_softmax_loss(states, items, targets, (first, rows, limit), chunk_rows=8)
+    loss.backward()
+    got = (loss.detach(), states.grad.clone(), items.grad.clone())
+    states.grad, items.grad = None, None
+    cast = (lambda x: x.bfloat16().to(dtype)) if autocast else (lambda x: x)
+    logits = cast(states) @ cast(items).T
+    logits[:, 0] = -torch.inf
+    excluded = first[rows] < limit.unsqueeze(1)
+    excluded[torch.arange(37), targets] = False
+    reference = F.cross_entropy(logits.masked_fill(excluded, -torch.inf), targets)
+    reference.backward()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0], reference.detach(), **tol)
+    torch.testing.assert_close(got[1], states.grad, **tol)
+    torch.testing.assert_close(got[2], items.grad, **tol)
 
 
 def test_sampled_softmax_is_exact_with_every_item_and_converges_as_the_sample_grows():
@@ -162,9 +192,8 @@ def test_sampled_softmax_respects_the_history_rule():
     excluded[0, [2, 3]] = True  # items 3 and 4 are history of row 0
     log_q = proposal_log_q(torch.arange(7), "uniform")
     got = sampled_softmax_loss(states, table, targets, negatives, log_q, None, excluded)
-    full_excluded = torch.zeros(2, 7, dtype=torch.bool)
-    full_excluded[0, [3, 4]] = True
-    assert got.item() == pytest.approx(full_softmax_loss(states, table.weight, targets, full_excluded).item(), rel=1e-12)
+    history = (first_seen(torch.tensor([[3, 4], [0, 0]]), 6), torch.tensor([0, 1]), torch.tensor([2, 0]))
+    assert got.item() == pytest.approx(full_softmax_loss(states, table.weight, targets, history).item(), rel=1e-12)
 
 
 # ---- tables -------------------------------------------------------------------------------------------------------

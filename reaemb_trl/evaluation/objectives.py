@@ -19,18 +19,24 @@ import torch.nn.functional as F
 
 LOSSES = ("ce", "bce")
 PROPOSALS = ("uniform", "popularity")
-NEVER = torch.iinfo(torch.long).max // 2  # first-seen position of items a user never had
+
+
+def _position_dtype(length: int) -> torch.dtype:
+    return torch.int16 if length < torch.iinfo(torch.int16).max else torch.int32
 
 
 def first_seen(user_seq: torch.Tensor, num_items: int) -> torch.Tensor:
     """(B, N + 1): the first absolute position at which each item occurs in each row of `user_seq` (B, S),
-    right-padded with 0; NEVER where it does not occur. Column 0 (padding) is NEVER."""
+    right-padded with 0; a value beyond every position where it does not occur (column 0, padding, included).
+    int16 when the sequences allow it: the softmax reads this table once per row and chunk."""
     batch, length = user_seq.shape
-    positions = torch.arange(length, device=user_seq.device).expand(batch, length)
-    positions = torch.where(user_seq != 0, positions, NEVER)
-    out = torch.full((batch, num_items + 1), NEVER, dtype=torch.long, device=user_seq.device)
+    dtype = _position_dtype(length)
+    never = torch.iinfo(dtype).max
+    positions = torch.arange(length, device=user_seq.device, dtype=dtype).expand(batch, length)
+    positions = torch.where(user_seq != 0, positions, never)
+    out = torch.full((batch, num_items + 1), never, dtype=dtype, device=user_seq.device)
     out.scatter_reduce_(1, user_seq, positions, reduce="amin")
-    out[:, 0] = NEVER
+    out[:, 0] = never
     return out
 
 
@@ -46,7 +52,8 @@ def first_seen_at(user_seq: torch.Tensor, columns: torch.Tensor) -> torch.Tensor
     query = columns.expand(batch, -1).contiguous()
     slot = torch.searchsorted(sorted_items, query).clamp(max=length - 1)
     hit = sorted_items.gather(1, slot) == query
-    return torch.where(hit, sorted_pos.gather(1, slot), NEVER)
+    dtype = _position_dtype(length)
+    return torch.where(hit, sorted_pos.gather(1, slot), torch.iinfo(dtype).max).to(dtype)
 
 
 def proposal_log_q(counts: torch.Tensor, kind: str) -> torch.Tensor:
@@ -59,16 +66,71 @@ def proposal_log_q(counts: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def full_softmax_loss(states: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
-                      excluded: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CE over the positions whose target is not 0 (padding). states (..., h); items (N + 1, h) with row 0 =
-    padding; targets (...); excluded (..., N + 1) bool: candidates removed at that position. The target itself
-    always stays a candidate (`excluded` is cleared there, in place)."""
-    logits = states @ items.T
-    logits[..., 0] = -torch.inf
-    if excluded is not None:
-        excluded.scatter_(-1, targets.unsqueeze(-1), False)
-        logits = logits.masked_fill(excluded, -torch.inf)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=0)
+                      history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      chunk_rows: int = 1024) -> torch.Tensor:
+    """Mean softmax cross-entropy of `states` (P, h) against every item: `items` (N + 1, h), row 0 = padding (never
+    a candidate); `targets` (P,) in 1..N. `history` = (first_seen (B, N + 1), rows (P,), limit (P,)) removes, for
+    row r, the items with first_seen[rows[r]] < limit[r] (the user's earlier items; the target always stays).
+
+    Computed in chunks of rows without keeping the (P, N + 1) logits: the forward keeps each row's log-sum-exp, the
+    backward recomputes a chunk's logits and turns them into gradients at once. Same numbers as masking a full
+    logit matrix and calling F.cross_entropy, with a few cache-sized passes instead of a dozen passes over P x N.
+    Under autocast the matmuls run in its dtype; the softmax always in float32."""
+    first, rows, limit = history if history is not None else (None, None, None)
+    return _FullSoftmaxCE.apply(states, items, targets, first, rows, limit, chunk_rows)
+
+
+def _chunk_logits(states, weights, targets, first, rows, limit, dtype) -> torch.Tensor:
+    """Logits (at least float32) of one chunk of rows with padding and history at -inf."""
+    logits = (states.to(dtype) @ weights.T).to(torch.promote_types(dtype, torch.float32))
+    logits[:, 0] = -torch.inf
+    if first is not None:
+        excluded = first[rows] < limit.to(first.dtype).unsqueeze(1)  # same dtype: no (rows x N) int64 copy
+        excluded.scatter_(1, targets.unsqueeze(1), False)
+        logits.masked_fill_(excluded, -torch.inf)
+    return logits
+
+
+class _FullSoftmaxCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, items, targets, first, rows, limit, chunk_rows):
+        device = states.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(states.dtype, items.dtype))
+        with torch.autocast(device, enabled=False):
+            weights = items.detach().to(dtype)
+            lse = torch.empty(len(targets), dtype=torch.promote_types(dtype, torch.float32), device=states.device)
+            total = torch.zeros((), dtype=torch.float64, device=states.device)
+            for start in range(0, len(targets), chunk_rows):
+                span = slice(start, start + chunk_rows)
+                part = [x[span] if x is not None else None for x in (targets, rows, limit)]
+                logits = _chunk_logits(states.detach()[span], weights, part[0], first, part[1], part[2], dtype)
+                lse[span] = torch.logsumexp(logits, dim=1)
+                total += (lse[span] - logits.gather(1, part[0].unsqueeze(1)).squeeze(1)).double().sum()
+        ctx.save_for_backward(states, items, targets, lse, *(x for x in (first, rows, limit) if x is not None))
+        ctx.has_history, ctx.dtype, ctx.chunk_rows = first is not None, dtype, chunk_rows
+        return (total / max(len(targets), 1)).to(lse.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        states, items, targets, lse, *history = ctx.saved_tensors
+        first, rows, limit = history if ctx.has_history else (None, None, None)
+        dtype, scale = ctx.dtype, grad_loss.to(lse.dtype) / max(len(targets), 1)
+        with torch.autocast(states.device.type, enabled=False):
+            weights = items.detach().to(dtype)
+            grad_states = torch.empty(states.shape, dtype=lse.dtype, device=states.device)
+            grad_items = torch.zeros(items.shape, dtype=lse.dtype, device=items.device)
+            for start in range(0, len(targets), ctx.chunk_rows):
+                span = slice(start, start + ctx.chunk_rows)
+                part = [x[span] if x is not None else None for x in (targets, rows, limit)]
+                chunk = states.detach()[span].to(dtype)
+                probs = _chunk_logits(chunk, weights, part[0], first, part[1], part[2], dtype)
+                probs.sub_(lse[span].unsqueeze(1)).exp_()  # in place: each pass over a chunk costs
+                probs[torch.arange(len(part[0]), device=probs.device), part[0]] -= 1.0
+                probs = probs.mul_(scale).to(dtype)
+                grad_states[span] = probs @ weights
+                grad_items += probs.T @ chunk
+        return grad_states.to(states.dtype), grad_items.to(items.dtype), None, None, None, None, None
 
 
 def sampled_softmax_loss(states: torch.Tensor, table, targets: torch.Tensor, negatives: torch.Tensor,

@@ -282,9 +282,9 @@ def _training_loss(model, batch, cfg: EvalConfig, num_items: int, exclude: bool,
     if cfg.loss == "bce":
         return bce_loss(states, model.table, targets, users, num_items, gen)
     if num_items <= cfg.sampled_softmax_above:
-        # (B, 1, N + 1) first positions against (B, L, 1) limits: the (B, L, N + 1) mask by broadcasting
-        excluded = first_seen(users, num_items).unsqueeze(1) < limit.unsqueeze(2) if exclude else None
-        return full_softmax_loss(states, model.table.all_items(), targets, excluded)
+        picked = targets != 0
+        history = (first_seen(users, num_items), picked.nonzero()[:, 0], limit[picked]) if exclude else None
+        return full_softmax_loss(states[picked], model.table.all_items(), targets[picked], history)
     negatives, draws = draw_negatives(log_q, cfg.num_sampled, gen)
     negatives = negatives.to(states.device)
     excluded = first_seen_at(users, negatives).unsqueeze(1) < limit.unsqueeze(2) if exclude else None
@@ -390,15 +390,27 @@ def table_specs(tables, modes=None) -> list[TableSpec]:
     return specs
 
 
+def _run_job(job) -> RunResult:
+    """One (table, seed) run in a worker process with its share of the CPU threads."""
+    split, spec, config, seed, threads = job
+    import torch
+
+    torch.set_num_threads(threads)
+    return train_and_evaluate(split, spec, config, seed, progress=False)
+
+
 def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, progress: bool = True,
-                   compare=(), modes=None, baseline_pairs: bool = True) -> dict:
+                   compare=(), modes=None, baseline_pairs: bool = True, workers: int = 1) -> dict:
     """Train and test `config.model` once per (table, seed) on the same split, aggregate the results and run the
     paired tests (`significance.default_pairs` - unless `baseline_pairs` is False - plus the `compare` pairs,
     "A:B" or (A, B)).
 
     dataset: a RecDataset or a canonical folder path. tables: "id", "mostpop", .safetensors paths or TableSpecs
     (files run once per mode in `modes`). seeds: a count (0..n-1) or a list. MostPop is deterministic and runs once.
-    Returns the dict written to results.json (per-user test ranks under each table's `test_ranks`)."""
+    `workers` > 1 runs that many (table, seed) jobs at once in worker processes, splitting the CPU threads between
+    them (the small matmuls of these models use one core badly; on 2 cores, 2 workers are ~1.7x faster); the
+    results do not depend on the schedule. Returns the dict written to results.json (per-user test ranks under each
+    table's `test_ranks`)."""
     from tqdm.auto import tqdm
 
     from reaemb_trl.data.canonical import RecDataset
@@ -413,6 +425,19 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
     specs = table_specs(tables, modes)
     runs: dict[str, list[RunResult]] = {spec.name: [] for spec in specs}
     jobs = [(spec, seed) for spec in specs for seed in (seed_list[:1] if spec.source == MOSTPOP else seed_list)]
-    for spec, seed in tqdm(jobs, desc="runs", disable=not progress):
-        runs[spec.name].append(train_and_evaluate(split, spec, config, seed, progress))
+    if workers <= 1 or len(jobs) <= 1:
+        results = [train_and_evaluate(split, spec, config, seed, progress)
+                   for spec, seed in tqdm(jobs, desc="runs", disable=not progress)]
+    else:
+        import multiprocessing
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        with context.Pool(workers) as pool:
+            pending = pool.imap(_run_job, [(split, spec, config, seed, threads) for spec, seed in jobs])
+            results = list(tqdm(pending, total=len(jobs), desc=f"runs ({workers} workers)", disable=not progress))
+    for (spec, _), result in zip(jobs, results):
+        runs[spec.name].append(result)
     return aggregate(runs, config, split, specs, compare, baseline_pairs)
