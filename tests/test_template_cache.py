@@ -87,6 +87,9 @@ def test_shared_prefix_states_equal_one_pass_over_whole_rows():
     with torch.no_grad():
         picked = embedder.thought_vector(shared.select(rows))
         torch.testing.assert_close(picked, embedder.thought_vector(whole)[rows], atol=1e-12, rtol=0)
+        baseline = embedder.embed_without_thought(ids)  # the raw-backbone table uses the prefix pass too
+        embedder.share_template = None
+        torch.testing.assert_close(embedder.embed_without_thought(ids), baseline, atol=1e-12, rtol=0)
 
 
 def test_batch_without_common_template_falls_back(monkeypatch):
