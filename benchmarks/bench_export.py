@@ -7,7 +7,8 @@
 
     python benchmarks/bench_export.py --backbone tiny
     python benchmarks/bench_export.py --backbone smollm2 --items 0 --batch 32 --dtypes bfloat16 --no-literal
-    python benchmarks/bench_export.py --backbone qwen2.5-0.5b-random --device cuda --items 1024 --batch 64 --json out.json
+    python benchmarks/bench_export.py --backbone qwen2.5-0.5b-random --device cuda --items 1024 --batch 64 \
+        --prompts synthetic --json out.json
 
 Prompts: MovieLens-100k items (`--prompts ml-100k`, default when available; `--items 0` = all 1,682) or synthetic
 items rendered by the same formatter (`--prompts synthetic`, up to `--tokens` tokens, lengths varying down to half).
@@ -61,7 +62,8 @@ def main() -> None:
     for name in dtypes:
         dtype = getattr(torch, name) if name != "float32" else None
         short = "fp32" if name == "float32" else "bf16"
-        variants += [(f"fast, {short}", "fast", True, dtype, False), (f"fast+template, {short}", "fast", True, dtype, True)]
+        variants += [(f"fast, {short}", "fast", True, dtype, False),
+                     (f"fast+template, {short}", "fast", True, dtype, True)]
 
     outputs: dict[str, torch.Tensor] = {}
 
@@ -93,14 +95,15 @@ def main() -> None:
         if not args.no_literal:
             row["vs_literal"] = round(medians[0] / seconds, 3)
         rows.append(row)
+    relative = lambda a, b: (a - b).abs().max().item() / b.abs().max().item()  # noqa: E731
     differences = {}
     for name in dtypes:
         short = "fp32" if name == "float32" else "bf16"
-        a, b = outputs[f"fast, {short}"], outputs[f"fast+template, {short}"]
-        differences[f"max |template - fast| {short} (relative to max |value|)"] = (a - b).abs().max().item() / a.abs().max().item()
+        differences[f"max |template - fast| {short} (relative to max |value|)"] = relative(
+            outputs[f"fast+template, {short}"], outputs[f"fast, {short}"])
     if not args.no_literal and "float32" in dtypes:
-        lit, fast = outputs["literal, unsorted, fp32"], outputs["fast+template, fp32"]
-        differences["max |template - literal| fp32 (relative)"] = (lit - fast).abs().max().item() / lit.abs().max().item()
+        differences["max |template - literal| fp32 (relative)"] = relative(
+            outputs["fast+template, fp32"], outputs["literal, unsorted, fp32"])
 
     shared = embedder.template_length(ids)
     where = machine() if args.device.startswith("cuda") else f"{cpu_model()}; {machine()}"

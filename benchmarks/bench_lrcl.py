@@ -8,7 +8,8 @@
 
     python benchmarks/bench_lrcl.py --backbone tiny
     python benchmarks/bench_lrcl.py --backbone smollm2 --batch 12 --dtype bfloat16 --lora-layers 8 4
-    python benchmarks/bench_lrcl.py --backbone qwen2.5-0.5b-random --device cuda --batch 64 --dtype bfloat16 --json out.json
+    python benchmarks/bench_lrcl.py --backbone qwen2.5-0.5b-random --device cuda --batch 64 --dtype bfloat16 \
+        --prompts synthetic --tokens 128 --json out.json
 
 Prompts: two attribute-dropout views of real MovieLens-100k items (`--prompts ml-100k`, the default when the
 embedded data set is available), or synthetic items rendered by the same prompt formatter (`--prompts synthetic`:
