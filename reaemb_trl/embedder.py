@@ -207,29 +207,35 @@ class ThoughtEmbedder(nn.Module):
         return self.thought.q_proj.weight.device
 
     # ---- fast path --------------------------------------------------------------------------------------------
-    def _llm_state(self) -> tuple[bool, bool]:
-        """(sharded, stochastic): whether the weights are sharded (DeepSpeed ZeRO-3, FSDP), and whether the LLM
-        runs dropout now (LoRA or attention dropout in training mode)."""
+    def _sharing_blockers(self) -> set[str]:
+        """What makes a shared template wrong now: `sharded` weights (DeepSpeed ZeRO-3, FSDP: each forward gathers
+        them collectively, and whether a batch shares could differ between processes), `checkpointing` (layers then
+        drop the key/value cache the rows need) or live `dropout` (LoRA or attention dropout in training mode)."""
         if any(hasattr(p, "ds_numel") for p in self.model.parameters()):
-            return True, False
-        stochastic = self.model.training and bool(getattr(self.model.config.get_text_config(), "attention_dropout", 0))
+            return {"sharded"}
+        blockers = set()
+        if self.model.training and getattr(self.model.config.get_text_config(), "attention_dropout", 0):
+            blockers.add("dropout")
         for m in self.model.modules():
             if type(m).__name__.startswith(("FSDP", "FullyShardedDataParallel")):
-                return True, stochastic
-            stochastic = stochastic or (isinstance(m, nn.Dropout) and m.p > 0 and m.training)
-        return False, stochastic
+                blockers.add("sharded")
+            if getattr(m, "gradient_checkpointing", False) is True and m.training and torch.is_grad_enabled():
+                blockers.add("checkpointing")
+            if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
+                blockers.add("dropout")
+        return blockers
 
     def template_length(self, prefix_ids: Sequence[Sequence[int]]) -> int:
         """How many leading tokens `encode_prefix` runs once for the whole batch (0: none).
 
         The batch's longest common token prefix (so BPE merges at the template/item boundary cannot matter), leaving
         every row at least one token of its own; 0 for a single row, a prefix under MIN_TEMPLATE_TOKENS, while
-        dropout is live and `share_template` is not True, and with sharded weights (each forward gathers them
-        collectively, and whether a batch shares could differ between processes)."""
+        dropout is live and `share_template` is not True, or with sharded weights or active gradient checkpointing
+        (see `_sharing_blockers`)."""
         if len(prefix_ids) < 2 or self.share_template is False:
             return 0
-        sharded, stochastic = self._llm_state()
-        if sharded or (stochastic and self.share_template is None):
+        blockers = self._sharing_blockers()
+        if blockers - {"dropout"} or (blockers and self.share_template is None):
             return 0
         shared = min(common_prefix_length(prefix_ids), min(len(p) for p in prefix_ids) - 1)
         return shared if shared >= MIN_TEMPLATE_TOKENS else 0

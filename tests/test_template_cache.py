@@ -92,6 +92,38 @@ def test_shared_prefix_states_equal_one_pass_over_whole_rows():
         torch.testing.assert_close(embedder.embed_without_thought(ids), baseline, atol=1e-12, rtol=0)
 
 
+def test_crrl_concatenated_and_selected_prefix_states_give_the_literal_embeddings():
+    """CRRL encodes chunks, concatenates them (cat_prefix_states), selects rows and runs only the suffix."""
+    from reaemb_trl.crrl_trainer import cat_prefix_states
+
+    embedder = trained_like(exact_float64(tiny_embedder("llama", lora=True)))
+    ids = embedder.prefix_ids(ITEMS)
+    rows = torch.tensor([5, 0, 3, 3])
+    with torch.no_grad():
+        assert embedder.template_length(ids[:2]) > 0 and embedder.template_length(ids[2:]) > 0
+        prefix = cat_prefix_states([embedder.encode_prefix(ids[:2]), embedder.encode_prefix(ids[2:])])
+        mu = embedder.thought_vector(prefix)
+        noisy = mu[rows] + 0.1
+        got = embedder.embed_from_thought(prefix.select(rows), noisy)
+        expected = embedder.literal_embed_with_thought([ids[i] for i in rows], noisy)
+    torch.testing.assert_close(mu, embedder.literal_thought(ids), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_no_sharing_under_gradient_checkpointing():
+    """Checkpointed layers drop the key/value cache, which the rows would need to read the template."""
+    embedder = trained_like(tiny_embedder("llama", lora=True))
+    embedder.model.get_base_model().gradient_checkpointing_enable()
+    ids = embedder.prefix_ids(ITEMS)
+    embedder.train()
+    assert embedder.template_length(ids) == 0
+    prefix = embedder.encode_prefix(ids, use_cache=False)  # CRRL's LoRA-training policy forward
+    torch.testing.assert_close(embedder.thought(prefix.hidden, prefix.mask), embedder.literal_thought(ids),
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # checkpointing only acts with gradients
+        assert embedder.template_length(ids) > 0
+
+
 def test_batch_without_common_template_falls_back(monkeypatch):
     embedder = exact_float64(tiny_embedder(lora=True))
     embedder.formatter = ItemPromptFormatter(system_prompt="", user_prefix="", use_chat_template=False)
