@@ -91,7 +91,7 @@ def yardstick_scores(table_path: Path, yardstick) -> dict:
 
 
 def downstream(table_paths: dict[str, Path], data: LoadedDataset, settings: QuickstartSettings, seeds=1,
-               modes=("frozen",), compare=(), baseline_pairs: bool = True) -> dict:
+               modes=("frozen",), compare=(), baseline_pairs: bool = True, workers: int = 2) -> dict:
     """compare_tables over MostPop, ids and the given tables with the quickstart's evaluation settings."""
     from reaemb_trl.evaluation.runner import EvalConfig, TableSpec, compare_tables
 
@@ -101,7 +101,7 @@ def downstream(table_paths: dict[str, Path], data: LoadedDataset, settings: Quic
         specs += [TableSpec(name + suffix, str(path), mode) for name, path in table_paths.items()]
     config = EvalConfig(**{"device": settings.device, **settings.evaluation})
     return compare_tables(data.rec_dataset(), specs, seeds, config, progress=False, compare=list(compare),
-                          baseline_pairs=baseline_pairs)
+                          baseline_pairs=baseline_pairs, workers=workers)
 
 
 def validation_score(results: dict, name: str) -> tuple[float, float]:
