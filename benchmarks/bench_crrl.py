@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     embedder = build_embedder(args.backbone, args.device, dtype=getattr(torch, args.dtype))
-    embedder.thought.float()  # the policy (thought module) trains in float32, as in CRRL's recipe
+    embedder.thought_module.float()  # the policy (thought module) trains in float32, as in CRRL's recipe
     n_items = args.items * (args.candidates + 1)
     tokenizer = embedder.tokenizer
     prefixes = random_prefixes(embedder, n_items, args.tokens, jitter=args.tokens // 4)

@@ -72,7 +72,7 @@ def supervised_module(embedder, catalogue, train_ids, candidates, table, table_i
     row = {i: n for n, i in enumerate(table_ids)}
     device = embedder.device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    module = embedder.thought
+    module = embedder.thought_module
     module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
@@ -98,7 +98,7 @@ def supervised_module(embedder, catalogue, train_ids, candidates, table, table_i
 def main() -> None:
     from reaemb_trl.assets import resolve_dataset
     from reaemb_trl.candidates import CooccurrenceCandidates
-    from reaemb_trl.crrl_eval import CRRLYardstick, held_out_items
+    from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
     from reaemb_trl.data.canonical import load_interactions, read_items
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.provenance import fast_bf16_available, provenance

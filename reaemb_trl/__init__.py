@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "THOUGHT_TOKEN": "reaemb_trl.prompt",
     "ItemPromptFormatter": "reaemb_trl.prompt",
-    "LatentThoughtModule": "reaemb_trl.thought",
+    "LatentThoughtModule": "reaemb_trl.thought_module",
     "ThoughtEmbedder": "reaemb_trl.embedder",
     "LRCLConfig": "reaemb_trl.lrcl_config",
     "LRCLTrainer": "reaemb_trl.lrcl_trainer",

@@ -67,9 +67,9 @@ def build_lrcl_trainer(data_args: DataArguments, config, data: LoadedDataset | N
 def build_crrl_trainer(data_args: DataArguments, config, data: LoadedDataset | None = None):
     """CRRL on a dataset: co-occurrence candidates from the training interactions (each user's last `holdout`
     items left out); the items that have a positive train, except a seeded `eval_item_fraction` of all items, which
-    are held out and scored by the frozen yardstick (reaemb_trl.crrl_eval) in the evaluation loop."""
+    are held out and scored by the frozen yardstick (reaemb_trl.crrl_yardstick) in the evaluation loop."""
     from reaemb_trl.candidates import CooccurrenceCandidates
-    from reaemb_trl.crrl_eval import CRRLYardstick, held_out_items
+    from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
     from reaemb_trl.crrl_trainer import CRRLTrainer
 
     if config.lrcl_checkpoint is None and config.model_name_or_path is None:

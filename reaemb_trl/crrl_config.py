@@ -53,7 +53,7 @@ class CRRLConfig(GRPOConfig):
     eval_item_fraction: float = field(
         default=0.0,
         metadata={"help": "Share of the items held out of CRRL training, seeded by `eval_item_seed`; the evaluation "
-                  "loop (eval_strategy / eval_steps) scores the frozen yardstick of reaemb_trl.crrl_eval on them. "
+                  "loop (eval_strategy / eval_steps) scores the frozen yardstick of reaemb_trl.crrl_yardstick on them. "
                   "0 trains on every item (the paper's)."},
     )
     eval_item_seed: int = field(

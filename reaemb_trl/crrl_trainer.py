@@ -16,7 +16,7 @@ How it hooks into GRPOTrainer (TRL 1.16):
   `steps_per_generation * num_iterations` steps, `_buffered_inputs`), `training_step`, `compute_loss`,
   `prediction_step`, `log` (the `_metrics` averaging).
 - Overridden: `_generate_and_score_completions` (latent actions instead of text), `_compute_loss` (Gaussian
-  log-prob, no LLM pass), `evaluate` (the frozen yardstick of `crrl_eval` when items are held out),
+  log-prob, no LLM pass), `evaluate` (the frozen yardstick of `crrl_yardstick` when items are held out),
   `_save` / `_load_from_checkpoint` (a `ThoughtEmbedder` checkpoint folder), `create_model_card` (no LM card).
   Rewards are computed by `_latent_rewards` (TRL's reward contract with richer keyword arguments).
 """
@@ -266,13 +266,13 @@ class PrefixStore:
 
 
 @contextmanager
-def _thought_swapped(embedder: ThoughtEmbedder, module: nn.Module):
-    original = embedder.thought
-    embedder.thought = module
+def _thought_module_swapped(embedder: ThoughtEmbedder, module: nn.Module):
+    original = embedder.thought_module
+    embedder.thought_module = module
     try:
         yield
     finally:
-        embedder.thought = original
+        embedder.thought_module = original
 
 
 class CRRLPolicy(nn.Module):
@@ -295,11 +295,11 @@ class CRRLPolicy(nn.Module):
         """mu_theta(x): from cached prefix states (fast), or re-encoding `prefix_ids` (LoRA training: with gradient
         through the LLM; literal: pass 1 of the literal method)."""
         if literal:
-            return self.embedder.literal_thought(prefix_ids)
+            return self.embedder.literal_thought_vector(prefix_ids)
         if prefix_ids is not None:
             prefix = self.embedder.encode_prefix(prefix_ids, use_cache=False)
-            return self.embedder.thought(prefix.hidden, prefix.mask)
-        return self.embedder.thought(hidden, mask)
+            return self.embedder.thought_module(prefix.hidden, prefix.mask)
+        return self.embedder.thought_module(hidden, mask)
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
         save_wrapped_embedder(self, folder, state_dict)
@@ -355,7 +355,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         candidates: a `CooccurrenceCandidates` index (positives fixed, negatives redrawn every epoch).
         catalogue: id -> attributes of every item that can be a candidate (default: the train/eval datasets).
         reward_funcs: callables or names; default `args.reward_funcs`.
-        yardstick: a `crrl_eval.CRRLYardstick`; when given, `evaluate()` scores it (on held-out items) instead of
+        yardstick: a `crrl_yardstick.CRRLYardstick`; when given, `evaluate()` scores it (on held-out items) instead of
             running rollouts on `eval_dataset`.
     """
 
@@ -385,10 +385,10 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             raise ValueError("train_lora=True but the embedder has no LoRA adapter (LRCL checkpoints trained with LoRA have one)")
         for name, param in embedder.model.named_parameters():
             param.requires_grad_(bool(args.train_lora and "lora_" in name))
-        embedder.thought.requires_grad_(True)
+        embedder.thought_module.requires_grad_(True)
         if args.thought_trainable == "value":  # keep LRCL's attention pattern, move only what it reads out
-            embedder.thought.q_proj.requires_grad_(False)
-            embedder.thought.k_proj.requires_grad_(False)
+            embedder.thought_module.q_proj.requires_grad_(False)
+            embedder.thought_module.k_proj.requires_grad_(False)
         llm_eval = not args.train_lora or args.disable_dropout
         if args.disable_dropout:
             disable_dropout_in_model(embedder.model)
@@ -452,9 +452,10 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.ref_thought = None
+        self.ref_thought_module = None  # the starting thought module, for the KL term
         if self.beta != 0.0:
-            self.ref_thought = copy.deepcopy(embedder.thought).requires_grad_(False).to(self.accelerator.device)
+            self.ref_thought_module = copy.deepcopy(embedder.thought_module).requires_grad_(False).to(
+                self.accelerator.device)
 
     def _init_grpo_state(self, args: CRRLConfig) -> None:
         """The state GRPOTrainer.__init__ would set and that the GRPOTrainer methods CRRL inherits read.
@@ -605,7 +606,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         self._prefix_cache[mode] = (hidden, mask)
         local = {item: i for i, item in enumerate(item_unique)}
         prefix_index = torch.tensor([local[i] for i in item_ids], device=hidden.device)
-        mu = emb.thought(hidden[prefix_index], mask[prefix_index]).float()
+        mu = emb.thought_module(hidden[prefix_index], mask[prefix_index]).float()
         sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode)
         z = mu + sigma.unsqueeze(1) * eps.to(mu.device)
         item_emb = torch.cat(
@@ -628,8 +629,8 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             cand_emb = cand_emb[torch.tensor([[cand_where[c] for c in row] for row in candidate_ids],
                                              device=cand_emb.device)]
         ref_mu = None
-        if self.ref_thought is not None:
-            ref_mu = self.ref_thought(hidden[prefix_index], mask[prefix_index]).float()
+        if self.ref_thought_module is not None:
+            ref_mu = self.ref_thought_module(hidden[prefix_index], mask[prefix_index]).float()
         return mu, sigma, z, item_emb, cand_emb, prefix_index, ref_mu
 
     @torch.no_grad()
@@ -637,7 +638,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         """Reference oracle: full passes per copy and per candidate slot, nothing shared."""
         emb, chunk = self.embedder, self.args.embed_batch_size
         ids = [self._item_prefix_ids(i) for i in item_ids]
-        mu = torch.cat([emb.literal_thought(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
+        mu = torch.cat([emb.literal_thought_vector(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
         sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode)
         z = mu + sigma.unsqueeze(1) * eps.to(mu.device)
         item_emb = torch.cat(
@@ -652,12 +653,13 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             cand = []
             for s in range(0, len(flat), chunk):
                 part = flat[s : s + chunk]
-                cand.append(emb.literal_embed_with_thought(part, emb.literal_thought(part)))
+                cand.append(emb.literal_embed_with_thought(part, emb.literal_thought_vector(part)))
             cand_emb = torch.cat(cand).float().view(len(item_ids), len(candidate_ids[0]), -1)
         ref_mu = None
-        if self.ref_thought is not None:
-            with _thought_swapped(emb, self.ref_thought):
-                ref_mu = torch.cat([emb.literal_thought(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
+        if self.ref_thought_module is not None:
+            with _thought_module_swapped(emb, self.ref_thought_module):
+                ref_mu = torch.cat(
+                    [emb.literal_thought_vector(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
         return mu, sigma, z, item_emb, cand_emb, ref_mu
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -680,7 +682,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             self._refresh_reference()
         candidate_ids, positive_weights = self._row_candidates(inputs, mode)
         eps = action_noise(
-            self.args.noise_seed, step_key, groups, copies, item_ids, self.embedder.thought.hidden_size,
+            self.args.noise_seed, step_key, groups, copies, item_ids, self.embedder.thought_module.hidden_size,
             anchor_copy=self.args.anchor_copy, antithetic=self.args.antithetic,
         )
         literal = self.args.forward_method == "literal"
@@ -871,7 +873,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
     # ---- evaluation: the frozen yardstick on held-out items --------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """With a yardstick: embed the catalogue with the current (noise-free) thought module and score the frozen
-        yardstick of `crrl_eval` (held-out anchor rewards, validation pairs); logged to the `report_to` sinks.
+        yardstick of `crrl_yardstick` (held-out anchor rewards, validation pairs); logged to the `report_to` sinks.
         Without one: TRL's evaluation (rollouts and policy loss on `eval_dataset`)."""
         if self.yardstick is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)

@@ -6,8 +6,8 @@ Two ways compute the same numbers:
 - `literal`: the method as written. Pass 1 runs the whole prompt without gradient, the thought module reads its
   states; pass 2 runs the whole prompt again with the thought row replaced.
 - `fast` (default): the LLM is causal, so pass-2 states before the thought equal pass-1 states. One forward over
-  the prefix (with gradient, keeping keys and values), the thought from the detached prefix states, then only the
-  2-token suffix (thought, EOS) against the cached keys and values. Same pooled vector, loss and gradients.
+  the prefix (with gradient, keeping keys and values), the thought vector from the detached prefix states, then
+  only the 2-token suffix (thought, EOS) against the cached keys and values. Same pooled vector, loss and gradients.
 
 The fast path is also split into `encode_prefix` / `thought_vector` / `embed_from_thought`, which CRRL uses to
 share one prefix pass between all noisy copies of an item.
@@ -35,9 +35,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reaemb_trl.files import ADAPTER_DIR, BACKBONE_DIR, CONFIG_FILE, THOUGHT_FILE
 from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
-from reaemb_trl.thought import LatentThoughtModule
+from reaemb_trl.thought_module import LatentThoughtModule
+
+# The files of a checkpoint folder, as `save_pretrained` writes them (prompt.py names PROMPT_FORMAT_FILE). Modules
+# that only need them for checks and messages (the CLI, preflight, hub) import them inside functions.
+CONFIG_FILE = "reaemb_config.json"  # written last: a folder with it is complete
+THOUGHT_FILE = "thought_module.safetensors"  # the thought module's own state dict (q_proj.*, k_proj.*, v_proj.*)
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+# State-dict prefix of the thought module before it was renamed `thought_module` (see `_load_legacy_thought_keys`).
+LEGACY_THOUGHT_PREFIX = "thought."
 
 # mean: all real tokens; last: the EOS state; item_mean: the item's own tokens (not the prompt template), the
 # thought and EOS.
@@ -135,11 +143,12 @@ class ThoughtEmbedder(nn.Module):
         self.formatter = formatter or ItemPromptFormatter()
         self.thought_token_id = add_thought_token(tokenizer, model, self.formatter.thought_token)
         hidden_size = model.config.get_text_config().hidden_size
-        self.thought = thought_module or LatentThoughtModule(hidden_size, rope_base)
+        self.thought_module = thought_module or LatentThoughtModule(hidden_size, rope_base)
         self.pooling = pooling
         self.backbone = backbone
         # The wrapper is what Trainer sees; these make it look enough like a PreTrainedModel.
         self.config = model.config
+        self.register_load_state_dict_pre_hook(_load_legacy_thought_keys)
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -204,7 +213,7 @@ class ThoughtEmbedder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.thought.q_proj.weight.device
+        return self.thought_module.q_proj.weight.device
 
     # ---- fast path --------------------------------------------------------------------------------------------
     def _sharing_blockers(self) -> set[str]:
@@ -308,22 +317,23 @@ class ThoughtEmbedder(nn.Module):
         return PrefixStates(hidden, mask, mask.sum(-1), kv, pool)
 
     def thought_vector(self, prefix: PrefixStates) -> torch.Tensor:
-        """mu(x): the thought vector from the detached prefix states (pass 1 sends no gradient into the LLM)."""
-        return self.thought(prefix.hidden.detach(), prefix.mask)
+        """r = mu(x): the thought vector from the detached prefix states (pass 1 sends no gradient into the LLM)."""
+        return self.thought_module(prefix.hidden.detach(), prefix.mask)
 
-    def embed_from_thought(self, prefix: PrefixStates, thought: torch.Tensor) -> torch.Tensor:
-        """Pooled embeddings with `thought` (B, d) written at the thought position, running only (thought, EOS)."""
+    def embed_from_thought(self, prefix: PrefixStates, thought_vector: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings with `thought_vector` (B, d) written at the thought position, running only (thought,
+        EOS)."""
         from transformers import DynamicCache
 
         if prefix.past_key_values is None:
             raise ValueError("embed_from_thought needs prefix states encoded with use_cache=True")
         body = decoder_of(self.model)
         embeddings = body.get_input_embeddings()
-        batch = thought.shape[0]
-        eos = embeddings(torch.full((batch, 1), self.tokenizer.eos_token_id, device=thought.device))
-        suffix = torch.cat([thought.to(eos.dtype).unsqueeze(1), eos], dim=1)
+        batch, device = thought_vector.shape[0], thought_vector.device
+        eos = embeddings(torch.full((batch, 1), self.tokenizer.eos_token_id, device=device))
+        suffix = torch.cat([thought_vector.to(eos.dtype).unsqueeze(1), eos], dim=1)
         mask = torch.cat([prefix.mask, prefix.mask.new_ones(batch, 2)], dim=1)
-        positions = prefix.lengths.unsqueeze(1) + torch.arange(2, device=thought.device)
+        positions = prefix.lengths.unsqueeze(1) + torch.arange(2, device=device)
         cache = DynamicCache(ddp_cache_data=prefix.past_key_values, config=body.config)
         out = body(
             inputs_embeds=suffix,
@@ -349,8 +359,9 @@ class ThoughtEmbedder(nn.Module):
         return self.embed_from_thought(prefix, self.thought_vector(prefix))
 
     # ---- literal path (reference oracle) ---------------------------------------------------------------------
-    def literal_thought(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
-        """Pass 1 of the literal method over the full prompt; returns r (B, d)."""
+    def literal_thought_vector(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
+        """Pass 1 of the literal method over the full prompt; returns the thought vector r (B, d), the same as
+        `thought_vector(encode_prefix(prefix_ids))`."""
         full = [list(p) + self.formatter.suffix_ids(self.tokenizer) for p in prefix_ids]
         ids, mask = pad_ids(full, self.tokenizer.pad_token_id, padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -360,23 +371,24 @@ class ThoughtEmbedder(nn.Module):
                 input_ids=ids, attention_mask=mask.long(), position_ids=real_positions(mask)
             ).last_hidden_state
         before = torch.arange(ids.shape[1], device=ids.device) < thought_at.unsqueeze(1)
-        return self.thought(hidden, mask & before)
+        return self.thought_module(hidden, mask & before)
 
     def embed_literal(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
         """The two full passes of the method as written."""
-        return self.literal_embed_with_thought(prefix_ids, self.literal_thought(prefix_ids, padding_side), padding_side)
+        vectors = self.literal_thought_vector(prefix_ids, padding_side)
+        return self.literal_embed_with_thought(prefix_ids, vectors, padding_side)
 
     def literal_embed_with_thought(
-        self, prefix_ids: Sequence[Sequence[int]], thought: torch.Tensor, padding_side: str = "left"
+        self, prefix_ids: Sequence[Sequence[int]], thought_vector: torch.Tensor, padding_side: str = "left"
     ) -> torch.Tensor:
-        """Pass 2 of the literal method: the full prompt with the thought row replaced by `thought` (B, d)."""
+        """Pass 2 of the literal method: the full prompt with the thought row replaced by `thought_vector` (B, d)."""
         full = [list(p) + self.formatter.suffix_ids(self.tokenizer) for p in prefix_ids]
         ids, mask = pad_ids(full, self.tokenizer.pad_token_id, padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
         body = decoder_of(self.model)
         embeds = body.get_input_embeddings()(ids)
         at_thought = (ids == self.thought_token_id).unsqueeze(-1)
-        embeds = torch.where(at_thought, thought.to(embeds.dtype).unsqueeze(1), embeds)
+        embeds = torch.where(at_thought, thought_vector.to(embeds.dtype).unsqueeze(1), embeds)
         states = body(
             inputs_embeds=embeds, attention_mask=mask.long(), position_ids=real_positions(mask)
         ).last_hidden_state
@@ -438,20 +450,24 @@ class ThoughtEmbedder(nn.Module):
         )[""]
 
     @torch.no_grad()
-    def encode_with_thoughts(
+    def encode_with_thought_modules(
         self,
         items: Sequence[Any],
-        thoughts: dict[str, nn.Module],
+        modules: dict[str, nn.Module],
         batch_size: int = 32,
         progress: bool = False,
         dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Embeddings of the same LLM under several thought modules (e.g. before and after CRRL, which leaves the
-        LLM untouched): one prefix pass per batch serves them all, each adds only its 2-token suffix."""
+        """Embeddings of the same LLM under several thought modules ({name: LatentThoughtModule}; e.g. before and
+        after CRRL, which leaves the LLM untouched): one prefix pass per batch serves them all, each adds only its
+        2-token suffix. Returns {name: (N, d) float32}."""
 
         def run(ids):
             prefix = self.encode_prefix(ids)
-            return {name: self.embed_from_thought(prefix, m(prefix.hidden, prefix.mask)) for name, m in thoughts.items()}
+            return {
+                name: self.embed_from_thought(prefix, module(prefix.hidden, prefix.mask))
+                for name, module in modules.items()
+            }
 
         return self._encode_batched(items, run, batch_size, True, progress, dtype)
 
@@ -483,22 +499,24 @@ class ThoughtEmbedder(nn.Module):
 
         The backbone weights are stored too when `include_backbone` is true, or when the backbone has no name
         that can be loaded again (e.g. a model built in-process). `state_dict` (names as in `self.state_dict()`:
-        `model.*`, `thought.*`) is written instead of the live weights when given: under DeepSpeed ZeRO-3 the live
-        parameters are partitioned (empty local tensors) and the gathered full state dict is the only copy."""
+        `model.*`, `thought_module.*`) is written instead of the live weights when given: under DeepSpeed ZeRO-3 the
+        live parameters are partitioned (empty local tensors) and the gathered full state dict is the only copy."""
         folder = Path(folder)
         if include_backbone is None:
             include_backbone = self.backbone is None
-        model_state = thought_state = None
+        model_state = module_state = None
         if state_dict is not None:
-            model_state = {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
-            thought_state = {k[len("thought.") :]: v for k, v in state_dict.items() if k.startswith("thought.")}
-            missing = sorted(set(self.thought.state_dict()) - set(thought_state))
+            model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            prefix = "thought_module."
+            module_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+            missing = sorted(set(self.thought_module.state_dict()) - set(module_state))
             if missing:
                 raise KeyError(f"state_dict lacks thought-module weights {missing}; keys: {sorted(state_dict)[:5]}...")
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".reaemb-save-", dir=folder))
         try:
-            source = thought_state if thought_state is not None else self.thought.state_dict()
+            # The file holds the module's own keys (q_proj.weight, ...), not the embedder's `thought_module.*` names.
+            source = module_state if module_state is not None else self.thought_module.state_dict()
             state = {k: v.detach().cpu().contiguous() for k, v in source.items()}
             save_file(state, staging / THOUGHT_FILE)
             self.formatter.save(staging)
@@ -515,8 +533,8 @@ class ThoughtEmbedder(nn.Module):
                 "backbone": None if include_backbone else self.backbone,
                 "backbone_in_folder": include_backbone,
                 "pooling": self.pooling,
-                "hidden_size": self.thought.hidden_size,
-                "rope_base": self.thought.rope_base,
+                "hidden_size": self.thought_module.hidden_size,
+                "rope_base": self.thought_module.rope_base,
                 "adapter": has_adapter,
                 "architecture": (self.config.architectures or [None])[0],
             }
@@ -563,12 +581,12 @@ class ThoughtEmbedder(nn.Module):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=is_trainable)
-        thought = LatentThoughtModule(config["hidden_size"], config["rope_base"])
-        thought.load_state_dict(load_file(folder / THOUGHT_FILE))
+        thought_module = LatentThoughtModule(config["hidden_size"], config["rope_base"])
+        thought_module.load_state_dict(load_file(folder / THOUGHT_FILE))
         embedder = cls(
             model,
             tokenizer,
-            thought_module=thought,
+            thought_module=thought_module,
             formatter=ItemPromptFormatter.load(folder),
             pooling=config["pooling"],
             backbone=config["backbone"] if not config.get("backbone_in_folder") else None,
@@ -591,7 +609,7 @@ class ThoughtEmbedder(nn.Module):
 
     def thought_module_from(self, folder: str | os.PathLike) -> LatentThoughtModule:
         """The thought module of another checkpoint folder, shaped like this embedder's, on its device."""
-        module = LatentThoughtModule(self.thought.hidden_size, self.thought.rope_base)
+        module = LatentThoughtModule(self.thought_module.hidden_size, self.thought_module.rope_base)
         module.load_state_dict(load_file(Path(folder) / THOUGHT_FILE))
         return module.to(self.device)
 
@@ -613,7 +631,7 @@ class ThoughtEmbedder(nn.Module):
         from peft import set_peft_model_state_dict
 
         folder = Path(folder)
-        self.thought.load_state_dict(load_file(folder / THOUGHT_FILE))
+        self.thought_module.load_state_dict(load_file(folder / THOUGHT_FILE))
         adapter_file = self.adapter_weights_file(folder)
         if adapter and adapter_file.exists():
             set_peft_model_state_dict(self.model, load_file(adapter_file))
@@ -647,6 +665,17 @@ def save_wrapped_embedder(wrapper: nn.Module, folder: str | os.PathLike, state_d
         return None
     wrapper.embedder.save_pretrained(folder)
     return dict(wrapper.state_dict())
+
+
+def _load_legacy_thought_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a state dict saved while the embedder's thought-module attribute was still called
+    `thought` (keys `<prefix>thought.q_proj.weight`, also under an LRCLModel / CRRLPolicy wrapper's `embedder.`
+    prefix) loads as `<prefix>thought_module.q_proj.weight`."""
+    old, new = prefix + LEGACY_THOUGHT_PREFIX, prefix + "thought_module."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        renamed = new + key[len(old) :]
+        if renamed not in state_dict:
+            state_dict[renamed] = state_dict.pop(key)
 
 
 def _cache_argument(body: nn.Module) -> str:

@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from reaemb_trl.files import CONFIG_FILE, THOUGHT_FILE
 from reaemb_trl.item_table import (  # noqa: F401 (write_table, pca_fit, table_metadata re-exported)
     ItemTable,
     TableError,
@@ -254,9 +253,9 @@ def check_pca(pca: int | None, num_items: int, dimension: int) -> None:
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
-def table_encoder(embedder, use_thought: bool, batch_size: int, dtype: torch.dtype | None) -> EncodeFn:
+def table_encoder(embedder, *, without_thought: bool, batch_size: int, dtype: torch.dtype | None) -> EncodeFn:
     """The encoder of `export_table`: one table named `table`."""
-    method = "fast" if use_thought else "no_thought"
+    method = "no_thought" if without_thought else "fast"
 
     def encode(attributes: list, sort_by_length: bool, progress: bool) -> dict[str, torch.Tensor]:
         vectors = embedder.encode(attributes, batch_size=batch_size, method=method, sort_by_length=sort_by_length,
@@ -267,11 +266,11 @@ def table_encoder(embedder, use_thought: bool, batch_size: int, dtype: torch.dty
 
 
 def table_export_job(
-    embedder, items: Sequence[Mapping[str, Any]], *, use_thought: bool, batch_size: int, dtype: torch.dtype | None,
-    world_size: int,
+    embedder, items: Sequence[Mapping[str, Any]], *, without_thought: bool, batch_size: int,
+    dtype: torch.dtype | None, world_size: int,
 ) -> ExportJob:  # fmt: skip
     """The job `export_table` runs with these settings in a group of `world_size` processes."""
-    fingerprint = embedder_fingerprint(embedder, embedder.thought if use_thought else None)
+    fingerprint = embedder_fingerprint(embedder, None if without_thought else embedder.thought_module)
     return ExportJob((("table", fingerprint),), catalogue_digest(items), dtype_name(dtype), batch_size, world_size)
 
 
@@ -282,16 +281,16 @@ def export_part(
     *,
     rank: int,
     world_size: int,
-    use_thought: bool = True,
+    without_thought: bool = False,
     batch_size: int = 64,
     dtype: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Process `rank`'s part of `export_table(..., output)` run by `world_size` processes (reused if finished)."""
     compute_dtype = resolve_dtype(dtype, embedder.device)
-    job = table_export_job(embedder, items, use_thought=use_thought, batch_size=batch_size, dtype=compute_dtype,
-                           world_size=world_size)  # fmt: skip
-    encode = table_encoder(embedder, use_thought, batch_size, compute_dtype)
+    job = table_export_job(embedder, items, without_thought=without_thought, batch_size=batch_size,
+                           dtype=compute_dtype, world_size=world_size)  # fmt: skip
+    encode = table_encoder(embedder, without_thought=without_thought, batch_size=batch_size, dtype=compute_dtype)
     return encode_part(embedder, items, encode, output=output, job=job, rank=rank, progress=progress)
 
 
@@ -301,7 +300,7 @@ def export_table(
     output: str | os.PathLike,
     *,
     source: str,
-    use_thought: bool = True,
+    without_thought: bool = False,
     batch_size: int = 64,
     pca: int | None = None,
     dtype: str = "auto",
@@ -309,14 +308,15 @@ def export_table(
 ) -> Path:
     """Encode `items` (dicts with `item_id` and `attributes`) and write the table to `output`.
 
-    `use_thought=False` is the no-fine-tuning baseline: the same prompt and pooling, without a thought vector.
-    Inside a torch.distributed group every process must call it; they share the work (see the module doc)."""
-    check_pca(pca, len(items), embedder.thought.hidden_size)
+    `without_thought=True` writes no thought token (the prompt ends with EOS): with a bare backbone, the
+    no-fine-tuning baseline, with the same prompt and pooling. Inside a torch.distributed group every process must
+    call it; they share the work (see the module doc)."""
+    check_pca(pca, len(items), embedder.thought_module.hidden_size)
     compute_dtype = resolve_dtype(dtype, embedder.device)
-    metadata = table_metadata(embedder, source, use_thought, dtype=compute_dtype)
-    job = table_export_job(embedder, items, use_thought=use_thought, batch_size=batch_size, dtype=compute_dtype,
-                           world_size=process_group()[1])  # fmt: skip
-    encode = table_encoder(embedder, use_thought, batch_size, compute_dtype)
+    metadata = table_metadata(embedder, source, without_thought=without_thought, dtype=compute_dtype)
+    job = table_export_job(embedder, items, without_thought=without_thought, batch_size=batch_size,
+                           dtype=compute_dtype, world_size=process_group()[1])  # fmt: skip
+    encode = table_encoder(embedder, without_thought=without_thought, batch_size=batch_size, dtype=compute_dtype)
     raw = encode_catalogue(embedder, items, encode, output=output, job=job, progress=progress)
     ids = [str(item["item_id"]) for item in items]
     return _write_tables({"table": (Path(output), metadata)}, raw, ids, pca)["table"]
@@ -332,20 +332,21 @@ def export_thought_variants(
     dtype: str = "auto",
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Several tables of one LLM under different thought modules ({name: (output, module, source)}), e.g. LRCL
-    and LRCL+CRRL: the prefix pass is shared, each module adds only its 2-token suffix."""
-    check_pca(pca, len(items), embedder.thought.hidden_size)
+    """Several tables of one LLM under different thought modules ({name: (output path, thought module, source)}),
+    e.g. LRCL and LRCL+CRRL: the prefix pass is shared, each thought module adds only its 2-token suffix."""
+    check_pca(pca, len(items), embedder.thought_module.hidden_size)
     compute_dtype = resolve_dtype(dtype, embedder.device)
-    modules = {name: module for name, (_, module, _) in outputs.items()}
+    thought_modules = {name: module for name, (_, module, _) in outputs.items()}
     metadata = {
-        name: table_metadata(embedder, source, thought=module, dtype=compute_dtype)
+        name: table_metadata(embedder, source, thought_module=module, dtype=compute_dtype)
         for name, (_, module, source) in outputs.items()
     }
 
     def encode(attributes: list, sort_by_length: bool, show: bool) -> dict[str, torch.Tensor]:
-        # encode_with_thoughts always sorts by length; a shard arrives sorted already, so its batches stay the same
-        return embedder.encode_with_thoughts(attributes, modules, batch_size=batch_size, progress=show,
-                                             dtype=compute_dtype)  # fmt: skip
+        # encode_with_thought_modules always sorts by length; a shard arrives sorted already, so its batches stay
+        # the same
+        return embedder.encode_with_thought_modules(attributes, thought_modules, batch_size=batch_size,
+                                                    progress=show, dtype=compute_dtype)  # fmt: skip
 
     models = tuple((name, meta["fingerprint"]) for name, meta in metadata.items())
     job = ExportJob(models, catalogue_digest(items), dtype_name(compute_dtype), batch_size, process_group()[1])
@@ -359,6 +360,8 @@ def export_thought_variants(
 # ---- new items into an existing table ----------------------------------------------------------------------------
 def check_checkpoint(folder: str | os.PathLike) -> Path:
     """`folder` as a Path when it is a complete reaemb-trl checkpoint; ExportError saying what to do otherwise."""
+    from reaemb_trl.embedder import CONFIG_FILE, THOUGHT_FILE
+
     folder = Path(folder)
     train = "train one with `accelerate launch recipes/lrcl.py --config recipes/configs/lrcl_tiny.yaml`"
     if not folder.exists():
@@ -419,14 +422,14 @@ def encode_new_items(
     table's stored PCA mean and projection; write the result atomically to `output_path` (which may be
     `table_path`). `dtype` defaults to the one the table was made with. Returns (output path, ids added)."""
     table = read_table(table_path)
-    use_thought = bool(table.metadata.get("thought", True))
+    without_thought = not table.metadata.get("thought", True)
     new_ids = table.missing([str(item["item_id"]) for item in items])
     embedder = checkpoint_or_embedder
     if isinstance(checkpoint_or_embedder, (str, os.PathLike)):
         from reaemb_trl.prompt import ItemPromptFormatter
 
         folder = check_checkpoint(checkpoint_or_embedder)
-        fingerprint = checkpoint_fingerprint(folder, use_thought)
+        fingerprint = checkpoint_fingerprint(folder, without_thought=without_thought)
         check_same_model(table, fingerprint, ItemPromptFormatter.load(folder).to_dict(), str(folder))
         embedder = None
         if new_ids:  # the model is loaded only when there is something to encode
@@ -434,7 +437,7 @@ def encode_new_items(
 
             embedder = ThoughtEmbedder.from_pretrained(folder, device=device)
     else:
-        fingerprint = embedder_fingerprint(embedder, embedder.thought if use_thought else None)
+        fingerprint = embedder_fingerprint(embedder, None if without_thought else embedder.thought_module)
         check_same_model(table, fingerprint, embedder.formatter.to_dict(), "the given embedder")
     output_path = Path(output_path)
     if not new_ids:
@@ -446,7 +449,7 @@ def encode_new_items(
     raw = embedder.encode(
         [by_id[i]["attributes"] for i in new_ids],
         batch_size=batch_size,
-        method="fast" if use_thought else "no_thought",
+        method="no_thought" if without_thought else "fast",
         progress=progress,
         dtype=compute_dtype,
     )

@@ -78,7 +78,7 @@ def embedding_width(checkpoint: Path | None, backbone: str | None) -> int:
     """The model's hidden size from its config files alone (no weights), to check --pca before any work."""
     import json
 
-    from reaemb_trl.files import CONFIG_FILE
+    from reaemb_trl.embedder import CONFIG_FILE
 
     if checkpoint is not None:
         return int(json.loads((checkpoint / CONFIG_FILE).read_text())["hidden_size"])
@@ -196,13 +196,12 @@ def run_export(
 
     if checkpoint is not None:
         embedder = ThoughtEmbedder.from_pretrained(checkpoint, device=device)
-        source, use_thought = str(checkpoint), True
-    else:
+        source, without_thought = str(checkpoint), False
+    else:  # the bare backbone: the same prompt and pooling, no thought token
         embedder = load_backbone(backbone, pooling, ItemPromptFormatter()).to(device)
-        source, use_thought = backbone, False
-    return export_table(
-        embedder, items, output, source=source, use_thought=use_thought, batch_size=batch_size, pca=pca, dtype=dtype
-    )
+        source, without_thought = backbone, True
+    return export_table(embedder, items, output, source=source, without_thought=without_thought,
+                        batch_size=batch_size, pca=pca, dtype=dtype)  # fmt: skip
 
 
 def main() -> None:

@@ -27,8 +27,6 @@ from typing import Any, Optional
 
 import typer
 
-from reaemb_trl.files import CONFIG_FILE
-
 DEFAULT_COMMIT_MESSAGE = "Upload ReaEmb item-embedding generator"
 ARXIV_ID = "2606.16703"
 PAPER_TITLE = (
@@ -130,6 +128,8 @@ def _markdown_value(value: Any) -> str:
 def model_card(folder: str | os.PathLike, repo_id: str, results: str | os.PathLike | None = None) -> str:
     """The README.md written for an embedding generator: what it is, three-line usage, the training configuration,
     the evaluation table when one exists, and the ReaEmb citation."""
+    from reaemb_trl.embedder import CONFIG_FILE
+
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     backbone = config.get("backbone")
@@ -193,6 +193,8 @@ def stage_upload(
     folder: str | os.PathLike, staging: str | os.PathLike, repo_id: str, results: str | os.PathLike | None = None
 ) -> list[str]:
     """Put exactly what would be uploaded (the checkpoint files + README.md) into `staging`; returns the file list."""
+    from reaemb_trl.embedder import CONFIG_FILE
+
     folder, staging = Path(folder), Path(staging)
     if not (folder / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{folder} is not a reaemb-trl checkpoint: {CONFIG_FILE} is missing")
@@ -210,6 +212,8 @@ def stage_upload(
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """What keeps `folder` from being pushed (one line naming it and what to do), or None."""
+    from reaemb_trl.embedder import CONFIG_FILE
+
     folder = Path(folder)
     runs = "the output_dir of an LRCL or CRRL run (`accelerate launch recipes/lrcl.py --config ...`)"
     if not folder.exists():

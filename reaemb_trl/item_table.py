@@ -34,13 +34,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from reaemb_trl.files import ADAPTER_DIR, CONFIG_FILE, THOUGHT_FILE
-
 FORMAT = "reaemb-trl/table-2"  # table-1 files (no fingerprint, no dtype) are read too
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 # Metadata values kept as plain strings; every other value is JSON-encoded.
 STRING_KEYS = frozenset({"format", "source", "backbone", "pooling", "dtype", "fingerprint", "export_job"})
+# The name under which the thought module's tensors enter a fingerprint. It is part of every fingerprint already
+# written into table files, so it stays `thought.` (changing it would make `reaemb encode` refuse existing tables).
+FINGERPRINT_THOUGHT_PREFIX = "thought."
 # The adapter settings that change the vectors (the rest of peft's config is bookkeeping).
 ADAPTER_SETTINGS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern", "alpha_pattern")
 
@@ -287,19 +288,21 @@ def _duplicates(ids: Sequence[str]) -> list[str]:
 def table_metadata(
     embedder,
     source: str,
-    use_thought: bool = True,
     *,
-    thought: nn.Module | None = None,
+    without_thought: bool = False,
+    thought_module: nn.Module | None = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """What a table file records about how its vectors were made (`thought` overrides the embedder's module)."""
-    module = (thought or embedder.thought) if use_thought else None
+    """What a table file records about how its vectors were made (`thought_module` overrides the embedder's;
+    `without_thought`: the vectors were made without a thought token). The metadata key `thought` records whether
+    a thought vector was used."""
+    module = None if without_thought else (thought_module or embedder.thought_module)
     return {
         "format": FORMAT,
         "source": str(source),
         "backbone": embedder.backbone or "",
         "adapter": embedder.has_adapter,
-        "thought": use_thought,
+        "thought": not without_thought,
         "pooling": embedder.pooling,
         "prompt_format": embedder.formatter.to_dict(),
         "dtype": dtype_name(dtype),
@@ -312,11 +315,11 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def embedder_fingerprint(embedder, thought: nn.Module | None) -> str:
-    """The fingerprint of the vectors `embedder` gives with `thought` (None: the no-thought baseline)."""
+def embedder_fingerprint(embedder, thought_module: nn.Module | None) -> str:
+    """The fingerprint of the vectors `embedder` gives with `thought_module` (None: without a thought token)."""
     tensors: dict[str, torch.Tensor] = {}
-    if thought is not None:
-        tensors.update({f"thought.{k}": v for k, v in thought.state_dict().items()})
+    if thought_module is not None:
+        tensors.update({f"{FINGERPRINT_THOUGHT_PREFIX}{k}": v for k, v in thought_module.state_dict().items()})
     adapter_settings = None
     if embedder.has_adapter:
         from peft import get_peft_model_state_dict
@@ -328,18 +331,20 @@ def embedder_fingerprint(embedder, thought: nn.Module | None) -> str:
     return _fingerprint(embedder.backbone, embedder.pooling, embedder.formatter.to_dict(), adapter_settings, tensors)
 
 
-def checkpoint_fingerprint(folder: str | os.PathLike, use_thought: bool = True) -> str:
+def checkpoint_fingerprint(folder: str | os.PathLike, *, without_thought: bool = False) -> str:
     """The fingerprint of a checkpoint folder, read from its files without loading the model; equal to
-    `embedder_fingerprint` of the embedder loaded from it."""
+    `embedder_fingerprint` of the embedder loaded from it (`without_thought`: of its vectors without a thought
+    token)."""
     from safetensors.torch import load_file
 
+    from reaemb_trl.embedder import ADAPTER_DIR, CONFIG_FILE, THOUGHT_FILE
     from reaemb_trl.prompt import ItemPromptFormatter
 
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     tensors: dict[str, torch.Tensor] = {}
-    if use_thought:
-        tensors.update({f"thought.{k}": v for k, v in load_file(folder / THOUGHT_FILE).items()})
+    if not without_thought:
+        tensors.update({f"{FINGERPRINT_THOUGHT_PREFIX}{k}": v for k, v in load_file(folder / THOUGHT_FILE).items()})
     adapter_settings = None
     if config.get("adapter"):
         tensors.update({f"adapter.{k}": v for k, v in load_file(folder / ADAPTER_DIR / ADAPTER_WEIGHTS_FILE).items()})

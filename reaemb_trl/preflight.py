@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from reaemb_trl.files import CONFIG_FILE
-
 CONVERT_HINT = "make one with `reaemb data convert --format FORMAT --input RAW --output DIR`"
 
 
@@ -72,6 +70,8 @@ def lrcl_config_for(checkpoint: str | os.PathLike, configs_dir: str | os.PathLik
 
 def check_lrcl_checkpoint(config, configs_dir: str | os.PathLike) -> None:
     """CRRL starts from an LRCL checkpoint: `config.lrcl_checkpoint` must be one (or `model_name_or_path` set)."""
+    from reaemb_trl.embedder import CONFIG_FILE
+
     folder = config.lrcl_checkpoint
     if folder is None:
         if config.model_name_or_path is None:

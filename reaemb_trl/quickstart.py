@@ -160,12 +160,12 @@ def export_tables(settings: QuickstartSettings, data) -> dict:
     crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
     raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=crrl.formatter, pooling=crrl.pooling)
     export_table(raw.to(settings.device), rows, tables / "raw.safetensors", source=settings.backbone,
-                 use_thought=False, batch_size=settings.export_batch, pca=settings.export_pca)
+                 without_thought=True, batch_size=settings.export_batch, pca=settings.export_pca)
     del raw
     if crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
         export_thought_variants(crrl, rows, {
             "lrcl": (tables / "lrcl.safetensors", crrl.thought_module_from(out / "lrcl"), str(out / "lrcl")),
-            "crrl": (tables / "crrl.safetensors", crrl.thought, str(out / "crrl")),
+            "crrl": (tables / "crrl.safetensors", crrl.thought_module, str(out / "crrl")),
         }, batch_size=settings.export_batch, pca=settings.export_pca)  # fmt: skip
     else:
         lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)

@@ -40,12 +40,13 @@ SCRIPT = textwrap.dedent(
     trainer.train()
     gen = trainer._last_generation
     items = gather_object(gen["item_ids"])
-    thoughts = trainer.accelerator.gather(gen["actions"].contiguous())
+    actions = trainer.accelerator.gather(gen["actions"].contiguous())
     if trainer.accelerator.is_main_process:
         torch.save(
-            dict(world=trainer.accelerator.num_processes, items=items, thoughts=thoughts.cpu(),
+            dict(world=trainer.accelerator.num_processes, items=items, actions=actions.cpu(),
                  advantages=gen["advantages"].cpu(), rewards=gen["rewards_per_func"].cpu(),
-                 thought={{k: v.detach().cpu().clone() for k, v in trainer.embedder.thought.state_dict().items()}}),
+                 thought_module={{k: v.detach().cpu().clone()
+                                 for k, v in trainer.embedder.thought_module.state_dict().items()}}),
             out + "/result.pt",
         )
     trainer.accelerator.wait_for_everyone()
@@ -79,9 +80,9 @@ def test_same_advantages_and_update_for_one_and_two_processes(tmp_path):
     two = _run(launcher + [str(script), "4", str(two_dir)], two_dir)
     assert (one["world"], two["world"]) == (1, 2)
     assert one["items"] == two["items"]  # the same global batch, groups in the same order
-    torch.testing.assert_close(one["thoughts"], two["thoughts"])  # the same noise
+    torch.testing.assert_close(one["actions"], two["actions"])  # the same noise
     torch.testing.assert_close(one["rewards"], two["rewards"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-5, rtol=1e-4)
     assert one["advantages"].abs().sum() > 0
-    for name, value in one["thought"].items():
-        torch.testing.assert_close(value, two["thought"][name], atol=1e-6, rtol=1e-5, msg=name)
+    for name, value in one["thought_module"].items():
+        torch.testing.assert_close(value, two["thought_module"][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -26,7 +26,7 @@ def test_recipe_runs_on_tiny_config(tmp_path, monkeypatch):
     loaded = ThoughtEmbedder.from_pretrained(out)
     assert loaded.encode([[("title", "Toy Story")]]).shape == (1, 32)
     start = ThoughtEmbedder.from_pretrained(lrcl)
-    assert any(not torch.equal(a, b) for a, b in zip(loaded.thought.state_dict().values(), start.thought.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.thought_module.state_dict().values(), start.thought_module.state_dict().values()))
 
 
 def test_custom_reward_example(capsys, monkeypatch):

@@ -132,7 +132,7 @@ def test_fast_path_equals_literal_path(tmp_path, beta):
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
         with torch.no_grad():  # move the module off its start so the KL term is not zero
-            for p in trainer.embedder.thought.parameters():
+            for p in trainer.embedder.thought_module.parameters():
                 p.add_(0.01)
         outs[method] = trainer._generate_and_score_completions(group_rows(["1", "4"], 4))
         trainers[method] = trainer
@@ -152,7 +152,7 @@ def test_fast_path_equals_literal_path(tmp_path, beta):
         out["old_logps"] = trainer._last_generation["old_logps"] - 0.05  # exercise ratios != 1
         loss = trainer.compute_loss(trainer.model, out)
         loss.backward()
-        results[method] = (loss.detach(), [p.grad.clone() for p in trainer.embedder.thought.parameters()])
+        results[method] = (loss.detach(), [p.grad.clone() for p in trainer.embedder.thought_module.parameters()])
     torch.testing.assert_close(results["fast"][0], results["literal"][0], atol=1e-5, rtol=1e-4)
     for a, b in zip(results["fast"][1], results["literal"][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # float32 noise amplified by 1 / sigma^2
@@ -190,7 +190,7 @@ def test_custom_reward_by_dotted_path_reaches_the_loss(tmp_path, monkeypatch):
     # the advantages drive the loss: its gradient is sum_g A_g (z_g - mu) / sigma^2 / rows (ratio 1)
     loss = trainer.compute_loss(trainer.model, out)
     loss.backward()
-    assert trainer.embedder.thought.v_proj.bias.grad.abs().sum() > 0
+    assert trainer.embedder.thought_module.v_proj.bias.grad.abs().sum() > 0
     gen = trainer._last_generation
     expected_dmu = -(out["advantages"].unsqueeze(1) * (gen["actions"] - gen["mu"])).sum(0) / 0.25 / 8
     mu = gen["mu"].clone().requires_grad_(True)
@@ -208,17 +208,17 @@ def test_training_changes_only_the_thought_module_and_saves(tmp_path):
 
     embedder = tiny_embedder(lora=True)
     llm_before = {k: v.clone() for k, v in embedder.model.state_dict().items()}
-    thought_before = {k: v.clone() for k, v in embedder.thought.state_dict().items()}
+    thought_before = {k: v.clone() for k, v in embedder.thought_module.state_dict().items()}
     args = config(tmp_path, reward_funcs=["softmax"], similarity="cosine", reward_temperature=0.05, beta=0.1)
     trainer = CRRLTrainer(embedder, args, train_dataset=dataset(), candidates=candidates())
     trainer.train()
     assert all(torch.equal(llm_before[k], v) for k, v in embedder.model.state_dict().items())
-    assert any(not torch.equal(thought_before[k], v) for k, v in embedder.thought.state_dict().items())
+    assert any(not torch.equal(thought_before[k], v) for k, v in embedder.thought_module.state_dict().items())
     logged = {k for h in trainer.state.log_history for k in h}
     assert {"reward", "reward_std", "frac_reward_zero_std", "rewards/softmax_reward/mean", "kl", "clip_ratio/region_mean"} <= logged
     trainer.save_model(str(tmp_path / "final"))
     loaded = ThoughtEmbedder.from_pretrained(tmp_path / "final")
-    for a, b in zip(loaded.thought.state_dict().values(), embedder.thought.state_dict().values()):
+    for a, b in zip(loaded.thought_module.state_dict().values(), embedder.thought_module.state_dict().values()):
         torch.testing.assert_close(a, b)
 
 

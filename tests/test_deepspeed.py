@@ -143,7 +143,7 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
     # every trainable tensor (LoRA A/B, thought module, tau) was updated through DeepSpeed's optimizer
     assert len(report["changed"]) == report["n_trainable"], report["changed"]
     names = list(report["held"])
-    assert any("lora_A" in n for n in names) and any("embedder.thought." in n for n in names)
+    assert any("lora_A" in n for n in names) and any("embedder.thought_module." in n for n in names)
     if stage == 3:  # every parameter (LoRA, thought module, tau) is a ZeRO-3 parameter
         assert all(is_zero3 and full > 0 for _, full, is_zero3 in report["held"].values()), report["held"]
     else:
@@ -154,7 +154,7 @@ def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embe
     live = torch.load(out / "live.pt")
     saved_thought = load_file(out / "thought_module.safetensors")
     for key, value in saved_thought.items():
-        torch.testing.assert_close(value, live["trainable"][f"embedder.thought.{key}"].reshape(value.shape))
+        torch.testing.assert_close(value, live["trainable"][f"embedder.thought_module.{key}"].reshape(value.shape))
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     lora_live = {n: v for n, v in live["trainable"].items() if "lora_" in n}
     lora_saved = {k: v for k, v in adapter.items() if "lora_" in k}
@@ -271,7 +271,7 @@ def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_sav
 
     # Only the thought module trains; every one of its tensors moved, and nothing else did (LoRA, base weights).
     trainable = {n for n, (_, _, _, grad) in report["held"].items() if grad}
-    assert trainable and all(n.startswith("embedder.thought.") for n in trainable), trainable
+    assert trainable and all(n.startswith("embedder.thought_module.") for n in trainable), trainable
     start = {f"embedder.{n}": p for n, p in ThoughtEmbedder.from_pretrained(lrcl_checkpoint).named_parameters()}
     live = torch.load(out / "live.pt")
     assert set(live["params"]) == set(start)
@@ -281,9 +281,9 @@ def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_sav
         assert same != (name in trainable), f"{name}: {'unchanged' if same else 'changed'}"
 
     saved = load_file(out / "thought_module.safetensors")
-    assert {f"embedder.thought.{k}" for k in saved} == trainable
+    assert {f"embedder.thought_module.{k}" for k in saved} == trainable
     for key, value in saved.items():
-        torch.testing.assert_close(value, live["params"][f"embedder.thought.{key}"].reshape(value.shape))
+        torch.testing.assert_close(value, live["params"][f"embedder.thought_module.{key}"].reshape(value.shape))
     exported = ThoughtEmbedder.from_pretrained(out).encode(ITEMS)
     assert torch.isfinite(exported).all()
     torch.testing.assert_close(exported, live["vectors"], rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ def test_thought_vector_ignores_padding_side_amount_and_batch_mates(family):
             long_mate = ids[0] + ids[1] + ids[2]
             padded = embedder.thought_vector(embedder.encode_prefix([ids[3], long_mate], side))[0]
             torch.testing.assert_close(padded, alone[3], atol=1e-5, rtol=1e-5)
-            literal = embedder.literal_thought(ids, side)
+            literal = embedder.literal_thought_vector(ids, side)
             torch.testing.assert_close(literal, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -38,10 +38,10 @@ def test_thought_vector_changes_output_and_pass_one_sends_no_gradient_into_llm()
     embedder.thought_vector(prefix).pow(2).sum().backward()  # pass 1 alone
     llm_grads = [p.grad for n, p in embedder.model.named_parameters() if p.requires_grad]
     assert llm_grads and all(g is None or g.abs().max() == 0 for g in llm_grads)
-    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in embedder.thought.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in embedder.thought_module.parameters())
 
     embedder.zero_grad()
-    embedder.literal_thought(ids).pow(2).sum().backward()  # the literal pass 1 as well
+    embedder.literal_thought_vector(ids).pow(2).sum().backward()  # the literal pass 1 as well
     assert all(p.grad is None for p in embedder.model.parameters())
 
 
@@ -116,6 +116,78 @@ def test_model_built_in_process_is_saved_with_its_backbone(tmp_path):
     embedder.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "backbone" / "config.json").exists()
     torch.testing.assert_close(ThoughtEmbedder.from_pretrained(tmp_path / "ckpt").encode(ITEMS[:3]), expected)
+
+
+def write_pre_rename_checkpoint(folder):
+    """A checkpoint folder as reaemb-trl wrote it before `ThoughtEmbedder.thought_module` got its name, written by
+    hand (no save_pretrained): config, prompt format, tokenizer, the backbone in the folder, and
+    thought_module.safetensors holding the module's own keys. Returns the thought module's tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d = 32
+    tensors = {}
+    for n, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        # exact binary fractions: the same bits on every machine, so the fingerprint below is a constant
+        tensors[f"{name}.weight"] = ((torch.arange(d * d).reshape(d, d) * (n + 3)) % 17 - 8).float() / 128
+        tensors[f"{name}.bias"] = ((torch.arange(d) + n) % 5 - 2).float() / 32
+    folder.mkdir()
+    save_file(tensors, folder / "thought_module.safetensors")
+    save_tiny_backbone(folder / "backbone")
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "prompt_format.json").write_text(json.dumps({
+        "system_prompt": "Condense the item.", "user_prefix": "Item: ", "max_value_chars": 100, "max_length": 256,
+        "use_chat_template": True, "thought_token": "<|Thought|>"}))  # fmt: skip
+    (folder / "reaemb_config.json").write_text(json.dumps({
+        "format": "reaemb-trl/1", "backbone": None, "backbone_in_folder": True, "pooling": "mean", "hidden_size": d,
+        "rope_base": 1000.0, "adapter": False, "architecture": "LlamaForCausalLM"}))  # fmt: skip
+    return tensors
+
+
+def test_a_checkpoint_written_before_the_thought_module_rename_loads(tmp_path):
+    """Checkpoint files kept their names and contents: an old folder loads, embeds, and keeps its fingerprint."""
+    from reaemb_trl.item_table import checkpoint_fingerprint, embedder_fingerprint
+
+    tensors = write_pre_rename_checkpoint(tmp_path / "old")
+    loaded = ThoughtEmbedder.from_pretrained(tmp_path / "old")
+    state = loaded.thought_module.state_dict()
+    assert set(state) == set(tensors)
+    assert all(torch.equal(state[k], v) for k, v in tensors.items())
+    assert loaded.formatter.system_prompt == "Condense the item." and not loaded.has_adapter
+    vectors = loaded.encode(ITEMS[:3])
+    assert vectors.shape == (3, 32) and torch.isfinite(vectors).all()
+    # The same fingerprint as before the rename (tables exported then still accept `reaemb encode` rows)
+    fingerprint = checkpoint_fingerprint(tmp_path / "old")
+    assert fingerprint == embedder_fingerprint(loaded, loaded.thought_module) == PRE_RENAME_FINGERPRINT
+    # saving again writes the same file names, and the module's own keys
+    loaded.save_pretrained(tmp_path / "new")
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "new" / "thought_module.safetensors")) == set(tensors)
+
+
+# checkpoint_fingerprint of write_pre_rename_checkpoint's folder, computed by the code before the rename.
+PRE_RENAME_FINGERPRINT = "sha256:1adf0a30761e09cb766c01e3952d04facb8e75294a04d80876fa5afee002dfd9"
+
+
+def test_a_state_dict_with_the_old_thought_prefix_loads():
+    """`thought.*` keys (a state dict saved while the attribute was called `thought`, bare or under a trainer
+    wrapper's `embedder.` prefix) load into `thought_module`."""
+    from reaemb_trl.lrcl_config import LRCLConfig
+    from reaemb_trl.lrcl_trainer import LRCLModel
+
+    source, target = tiny_embedder(seed=1), tiny_embedder(seed=2)
+    old_keys = {k.replace("thought_module.", "thought.", 1): v for k, v in source.state_dict().items()}
+    assert any(k.startswith("thought.") for k in old_keys) and not any("thought_module" in k for k in old_keys)
+    target.load_state_dict(old_keys)
+    assert all(torch.equal(a, b) for a, b in zip(target.thought_module.state_dict().values(),
+                                                 source.thought_module.state_dict().values()))  # fmt: skip
+    wrapper = LRCLModel(tiny_embedder(seed=3), LRCLConfig(output_dir="unused", use_cpu=True))
+    wrapped_old = {("embedder." + k if k != "temperature" else k): v for k, v in
+                   {**old_keys, "temperature": torch.ones(1)}.items()}  # fmt: skip
+    wrapper.load_state_dict(wrapped_old)
+    torch.testing.assert_close(wrapper.embedder.thought_module.q_proj.weight, source.thought_module.q_proj.weight)
 
 
 def test_thought_token_added_without_shrinking_a_padded_embedding_table():

@@ -105,7 +105,7 @@ def test_reaemb_encode_cli_extends_a_bare_backbone_table(tmp_path):
     backbone = save_tiny_backbone(tmp_path / "backbone")
     items = read_items(ASSETS / "tiny_catalog")
     raw = ThoughtEmbedder.from_backbone(str(backbone))
-    path = export_table(raw, items[:OLD], tmp_path / "raw.safetensors", source=str(backbone), use_thought=False,
+    path = export_table(raw, items[:OLD], tmp_path / "raw.safetensors", source=str(backbone), without_thought=True,
                         dtype="float32", progress=False)  # fmt: skip
     result = CliRunner().invoke(app, ["encode", "--backbone", str(backbone), "--items", str(ASSETS / "tiny_catalog"),
                                       "--table", str(path), "--output", str(tmp_path / "out.safetensors")])  # fmt: skip

@@ -134,12 +134,12 @@ def test_thought_variants_share_the_llm_and_each_records_its_own_fingerprint(tmp
 
     embedder = tiny_embedder(lora=True)
     embedder.save_pretrained(tmp_path / "crrl")
-    other = copy.deepcopy(embedder.thought)
+    other = copy.deepcopy(embedder.thought_module)
     with torch.no_grad():
         other.q_proj.weight.mul_(1.5)
     items = read_items(ASSETS / "tiny_catalog")
     paths = export_thought_variants(embedder, items, {
-        "crrl": (tmp_path / "crrl.safetensors", embedder.thought, str(tmp_path / "crrl")),
+        "crrl": (tmp_path / "crrl.safetensors", embedder.thought_module, str(tmp_path / "crrl")),
         "other": (tmp_path / "other.safetensors", other, "other"),
     }, batch_size=8, pca=4, dtype="float32", progress=False)  # fmt: skip
     crrl, changed = read_table(paths["crrl"]), read_table(paths["other"])

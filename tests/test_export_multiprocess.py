@@ -73,7 +73,7 @@ def test_parts_of_two_processes_merge_into_the_one_process_table(tmp_path):
     # rank 1 first: the merge must not depend on the order the parts were finished in
     for rank in (1, 0):
         _single_threaded(lambda: export_part(embedder, items, output, rank=rank, **kwargs))
-    job = table_export_job(embedder, items, use_thought=True, batch_size=BATCH, dtype=None, world_size=2)
+    job = table_export_job(embedder, items, without_thought=False, batch_size=BATCH, dtype=None, world_size=2)
     merged = merge_parts(output, items, job)["table"]
     single = _single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
     assert torch.equal(merged, single)  # the same batches: the same bits

@@ -135,25 +135,25 @@ def test_checkpoint_fingerprint_equals_the_loaded_embedders_and_tracks_what_chan
     embedder = tiny_embedder(lora=True)
     embedder.save_pretrained(tmp_path / "ckpt")
     fingerprint = checkpoint_fingerprint(tmp_path / "ckpt")
-    assert fingerprint.startswith("sha256:") and fingerprint == embedder_fingerprint(embedder, embedder.thought)
+    assert fingerprint.startswith("sha256:") and fingerprint == embedder_fingerprint(embedder, embedder.thought_module)
     loaded = ThoughtEmbedder.from_pretrained(tmp_path / "ckpt")
-    assert embedder_fingerprint(loaded, loaded.thought) == fingerprint
-    no_thought = checkpoint_fingerprint(tmp_path / "ckpt", use_thought=False)
+    assert embedder_fingerprint(loaded, loaded.thought_module) == fingerprint
+    no_thought = checkpoint_fingerprint(tmp_path / "ckpt", without_thought=True)
     assert no_thought != fingerprint and no_thought == embedder_fingerprint(loaded, None)
     # what changes the vectors changes the fingerprint
     with torch.no_grad():
-        loaded.thought.q_proj.weight[0, 0] += 1e-3
-    assert embedder_fingerprint(loaded, loaded.thought) != fingerprint
+        loaded.thought_module.q_proj.weight[0, 0] += 1e-3
+    assert embedder_fingerprint(loaded, loaded.thought_module) != fingerprint
     other = tiny_embedder(lora=True, seed=1)
-    assert embedder_fingerprint(other, other.thought) != fingerprint
+    assert embedder_fingerprint(other, other.thought_module) != fingerprint
     embedder.formatter.max_value_chars = 50
-    assert embedder_fingerprint(embedder, embedder.thought) != fingerprint
+    assert embedder_fingerprint(embedder, embedder.thought_module) != fingerprint
 
 
 def test_bare_backbone_fingerprint_is_name_pooling_and_prompt_format():
     embedder = tiny_embedder()
     embedder.backbone = "smollm2"
-    meta = table_metadata(embedder, "smollm2", use_thought=False)
+    meta = table_metadata(embedder, "smollm2", without_thought=True)
     expected = backbone_fingerprint("smollm2", "mean", embedder.formatter.to_dict())
     assert meta["fingerprint"] == expected and meta["thought"] is False and meta["adapter"] is False
     assert expected != backbone_fingerprint("smollm2", "last", embedder.formatter.to_dict())

@@ -106,7 +106,7 @@ def test_crrl_concatenated_and_selected_prefix_states_give_the_literal_embedding
         noisy = mu[rows] + 0.1
         got = embedder.embed_from_thought(prefix.select(rows), noisy)
         expected = embedder.literal_embed_with_thought([ids[i] for i in rows], noisy)
-    torch.testing.assert_close(mu, embedder.literal_thought(ids), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(mu, embedder.literal_thought_vector(ids), atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -118,8 +118,8 @@ def test_no_sharing_under_gradient_checkpointing():
     embedder.train()
     assert embedder.template_length(ids) == 0
     prefix = embedder.encode_prefix(ids, use_cache=False)  # CRRL's LoRA-training policy forward
-    torch.testing.assert_close(embedder.thought(prefix.hidden, prefix.mask), embedder.literal_thought(ids),
-                               atol=1e-5, rtol=1e-5)
+    vectors = embedder.thought_module(prefix.hidden, prefix.mask)
+    torch.testing.assert_close(vectors, embedder.literal_thought_vector(ids), atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # checkpointing only acts with gradients
         assert embedder.template_length(ids) > 0
 
@@ -219,12 +219,12 @@ def test_item_mean_pooling_equals_hand_computation():
         fast = embedder.embed_fast(ids)
         literal = embedder.embed_literal(ids)
         baseline = embedder.embed_without_thought(ids)
-        thoughts = embedder.literal_thought(ids)
+        vectors = embedder.literal_thought_vector(ids)
         for row, prefix in enumerate(ids):
             start, end = embedder.formatter.item_span(prefix, embedder.tokenizer)
             full = torch.tensor([prefix + embedder.formatter.suffix_ids(embedder.tokenizer)])
             embeds = body.get_input_embeddings()(full)
-            embeds[0, len(prefix)] = thoughts[row]
+            embeds[0, len(prefix)] = vectors[row]
             states = body(inputs_embeds=embeds).last_hidden_state[0]
             picked = list(range(start, end)) + [len(prefix), len(prefix) + 1]
             torch.testing.assert_close(fast[row], states[picked].mean(0), atol=1e-12, rtol=1e-10)

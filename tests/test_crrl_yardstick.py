@@ -5,7 +5,7 @@ import math
 import torch
 
 from reaemb_trl.candidates import CooccurrenceCandidates
-from reaemb_trl.crrl_eval import CRRLYardstick, anchor_reward_from_table, held_out_items
+from reaemb_trl.crrl_yardstick import CRRLYardstick, anchor_reward_from_table, held_out_items
 
 SEQUENCES = {
     "u1": ["a", "b", "c", "x", "y"],
