@@ -251,7 +251,7 @@ def recipe_args(run: Run, recipe: str, data: Path, backbone: str, out: Path, wor
     if recipe == "lrcl":  # the paper's LRCL setting, 128-token prompts
         config = "lrcl_tiny.yaml" if run.tiny else "lrcl_paper.yaml"
         return ["--config", f"recipes/configs/{config}", "--model_name_or_path", backbone,
-                "--max_prompt_length", str(run.prompt_tokens), "--per_device_train_batch_size", str(run.lrcl_batch),
+                "--max_item_tokens", str(run.prompt_tokens), "--per_device_train_batch_size", str(run.lrcl_batch),
                 *common]  # fmt: skip
     if run.tiny:
         return ["--config", "recipes/configs/crrl_tiny.yaml", "--lrcl_checkpoint", str(work / "lrcl_single"), *common]

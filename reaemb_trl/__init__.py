@@ -16,6 +16,7 @@ _EXPORTS = {
     "ItemPromptFormatter": "reaemb_trl.prompt",
     "LatentThoughtModule": "reaemb_trl.thought_module",
     "ThoughtEmbedder": "reaemb_trl.embedder",
+    "ModelArguments": "reaemb_trl.model_args",
     "LRCLConfig": "reaemb_trl.lrcl_config",
     "LRCLTrainer": "reaemb_trl.lrcl_trainer",
     "CRRLConfig": "reaemb_trl.crrl_config",

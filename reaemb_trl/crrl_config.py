@@ -1,5 +1,8 @@
 """CRRLConfig: stage-2 training arguments (docs/method.md, "CRRL"), a `trl.GRPOConfig` with the latent-action
-fields.
+fields. The backbone, prompt and pooling fields come from `ModelArguments` (reaemb_trl/model_args.py), shared with
+LRCLConfig: CRRL always reads `model_dtype` and `share_template`, the others only when it starts from a bare
+backbone (no `lrcl_checkpoint`), and never the LoRA creation fields (an LRCL checkpoint brings its adapter;
+`train_lora` trains it).
 
 TRL's own semantics hold: `per_device_train_batch_size` counts rows (noisy copies), `num_generations` (G) copies
 of an item form a group, `generation_batch_size` / `steps_per_generation` set how many rows are generated at once.
@@ -13,6 +16,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from reaemb_trl.model_args import ModelArguments
+
 SIMILARITIES = ("dot", "cosine", "centered_cosine")
 BASELINES = ("group", "anchor", "noisy")
 NOISE_SCALE_MODES = ("absolute", "relative")
@@ -23,8 +28,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 @dataclass
-class CRRLConfig(GRPOConfig):
-    """Arguments for `CRRLTrainer`: everything `trl.GRPOConfig` has, plus the method's own."""
+class CRRLConfig(ModelArguments, GRPOConfig):
+    """Arguments for `CRRLTrainer`: everything `trl.GRPOConfig` has, the model fields of `ModelArguments`, plus the
+    method's own."""
 
     # ---- model ------------------------------------------------------------------------------------------------
     lrcl_checkpoint: str | None = field(
@@ -35,9 +41,6 @@ class CRRLConfig(GRPOConfig):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Backbone to start from when there is no `lrcl_checkpoint` (`smollm2`, hub id or folder)."},
-    )
-    model_dtype: str | None = field(
-        default=None, metadata={"help": "dtype to load the backbone in (`float32`, `bfloat16`); None keeps the checkpoint's."}
     )
     train_lora: bool = field(
         default=False,
@@ -159,9 +162,6 @@ class CRRLConfig(GRPOConfig):
     )
     embed_batch_size: int = field(
         default=64, metadata={"help": "Rows per LLM call when encoding prefixes and suffixes."}
-    )
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Token budget per item prompt when there is no LRCL checkpoint."}
     )
     # ---- GRPOConfig / TrainingArguments defaults that differ (paper setting) ----------------------------------
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4)."})

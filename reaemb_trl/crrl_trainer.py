@@ -46,7 +46,7 @@ from reaemb_trl.checkpointing import EmbedderCheckpointMixin
 from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
-from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
+from reaemb_trl.prompt import normalise_attributes
 from reaemb_trl.rewards import CollaborativeTable, resolve_reward, reward_name, similarity_matrix
 from reaemb_trl.zero3 import gathered_for_rollout
 
@@ -310,7 +310,7 @@ class CRRLPolicy(nn.Module):
 
 def load_crrl_embedder(model: ThoughtEmbedder | str | os.PathLike | None, args: CRRLConfig) -> ThoughtEmbedder:
     """A ThoughtEmbedder from an instance, a checkpoint folder, `args.lrcl_checkpoint`, or `args.model_name_or_path`
-    (fresh thought module)."""
+    (fresh thought module, built from the `ModelArguments` fields as LRCL builds it, without LoRA)."""
     if isinstance(model, ThoughtEmbedder):
         return model
     path = model if model is not None else args.lrcl_checkpoint
@@ -320,7 +320,8 @@ def load_crrl_embedder(model: ThoughtEmbedder | str | os.PathLike | None, args: 
         raise ValueError("CRRLTrainer needs a ThoughtEmbedder, a checkpoint path, args.lrcl_checkpoint or args.model_name_or_path")
     warnings.warn("CRRL from a bare backbone: the thought module starts untrained (no LRCL checkpoint given)")
     return ThoughtEmbedder.from_backbone(
-        args.model_name_or_path, formatter=ItemPromptFormatter(max_length=args.max_prompt_length), dtype=args.model_dtype
+        args.model_name_or_path, formatter=args.prompt_formatter(), pooling=args.pooling, dtype=args.model_dtype,
+        quantization=args.quantization, attn_implementation=args.attn_implementation, rope_base=args.thought_rope_base,
     )
 
 
@@ -380,6 +381,8 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             raise TypeError(f"args must be a CRRLConfig, got {type(args).__name__}")
         set_seed(args.seed)
         embedder = load_crrl_embedder(model, args)
+        if args.share_template is not None:
+            embedder.share_template = args.share_template
         # ---- what trains: the thought module (and LoRA when asked); the LLM is frozen --------------------------
         if args.train_lora and not embedder.has_adapter:
             raise ValueError("train_lora=True but the embedder has no LoRA adapter (LRCL checkpoints trained with LoRA have one)")

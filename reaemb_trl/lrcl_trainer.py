@@ -21,7 +21,7 @@ from reaemb_trl.embedder import ThoughtEmbedder, save_wrapped_embedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
 from reaemb_trl.lrcl_config import LRCLConfig
-from reaemb_trl.prompt import ItemPromptFormatter, normalise_attributes
+from reaemb_trl.prompt import normalise_attributes
 
 TEMPERATURE_FILE = "lrcl_temperature.safetensors"
 
@@ -78,7 +78,7 @@ def build_embedder(args: LRCLConfig) -> ThoughtEmbedder:
     """The backbone named in `args` with a fresh thought module and (by default) a fresh LoRA adapter."""
     embedder = ThoughtEmbedder.from_backbone(
         args.model_name_or_path,
-        formatter=ItemPromptFormatter(max_length=args.max_prompt_length, max_value_chars=args.max_value_chars),
+        formatter=args.prompt_formatter(),
         pooling=args.pooling,
         dtype=args.model_dtype,
         quantization=args.quantization,

@@ -11,6 +11,7 @@ or fix, exit code 1, and no traceback.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -24,16 +25,40 @@ def fail(message: str) -> NoReturn:
 
 
 def parse_recipe_args(*dataclass_types):
-    """`TrlParser(dataclass_types).parse_args_and_config()`, with a missing `--config` file or a field that the
-    dataclasses reject (unknown key, invalid value) reported in one line."""
+    """`TrlParser(dataclass_types).parse_args_and_config()`, with a missing `--config` file, a renamed key (e.g.
+    `max_prompt_length`, now `max_item_tokens`) or a field that the dataclasses reject (unknown key, invalid value)
+    reported in one line."""
     from trl import TrlParser
 
     try:
+        check_renamed_arguments(dataclass_types, sys.argv[1:])
         return TrlParser(dataclass_types).parse_args_and_config()
     except FileNotFoundError as exc:
         fail(f"{exc.filename} does not exist: pass a recipe config, e.g. --config recipes/configs/lrcl_tiny.yaml")
     except ValueError as exc:
         fail(" ".join(str(exc).split()))
+
+
+def check_renamed_arguments(dataclass_types, args: list[str]) -> None:
+    """ValueError naming the new key when the command line or its `--config` YAML sets a key that was renamed
+    (`reaemb_trl.model_args.RENAMED_KEYS`) and that none of `dataclass_types` has."""
+    from dataclasses import fields
+
+    import yaml
+
+    from reaemb_trl.model_args import check_renamed_keys
+
+    known = {f.name for cls in dataclass_types for f in fields(cls)}
+    flags = [a for a in args if a.startswith("--")]
+    check_renamed_keys([f for f in flags if f.removeprefix("--").split("=", 1)[0] not in known], "command line")
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        path = Path(args[args.index("--config") + 1])
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return  # TrlParser reports a missing or unreadable config itself
+        if isinstance(config, dict):
+            check_renamed_keys([k for k in config if k not in known], str(path))
 
 
 def check_dataset(dataset: str, interactions: bool = False) -> None:

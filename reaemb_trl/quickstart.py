@@ -56,6 +56,10 @@ class QuickstartSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown quickstart settings {unknown}; known: {sorted(known)}")
+        from reaemb_trl.model_args import check_renamed_keys
+
+        for section in ("lrcl", "crrl"):
+            check_renamed_keys(data.get(section) or {}, f"{path}: {section}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["output"] = Path(data.get("output", "runs/quickstart"))
         return cls(**data)

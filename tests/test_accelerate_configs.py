@@ -59,7 +59,7 @@ def _train(tmp_path, name: str, **overrides):
     values = dict(
         output_dir=str(tmp_path / name), model_name_or_path=str(ASSETS / "tiny-llama"), max_steps=3,
         per_device_train_batch_size=4, learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        max_prompt_length=192, logging_steps=1, save_strategy="no", seed=3, use_cpu=True, disable_tqdm=True,
+        max_item_tokens=192, logging_steps=1, save_strategy="no", seed=3, use_cpu=True, disable_tqdm=True,
         report_to="none",
     )  # fmt: skip
     values.update(overrides)

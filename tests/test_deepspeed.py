@@ -46,7 +46,7 @@ DRIVER = textwrap.dedent(
     out = sys.argv[1]
     args = LRCLConfig(
         output_dir=out, model_name_or_path="tests/assets/tiny-llama", max_steps=4, per_device_train_batch_size=8,
-        learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=192, logging_steps=1,
+        learning_rate=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_item_tokens=192, logging_steps=1,
         save_strategy="no", seed=0, report_to="none", disable_tqdm=True, use_cpu=True,
     )
     trainer = LRCLTrainer(args=args, train_dataset=load_items("tests/assets/tiny_catalog"))

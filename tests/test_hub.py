@@ -157,7 +157,7 @@ def test_lrcl_push_to_hub_touches_the_network_only_once_at_the_end(tmp_path, mon
     out = tmp_path / "run"
     args = LRCLConfig(
         output_dir=str(out), model_name_or_path=str(ASSETS / "tiny-llama"), max_steps=2, save_steps=1,
-        per_device_train_batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_prompt_length=192,
+        per_device_train_batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_item_tokens=192,
         use_cpu=True, disable_tqdm=True, report_to="none", push_to_hub=True, hub_model_id="me/lrcl-tiny",
         hub_private_repo=True, hub_revision="run-1", hub_token="hf_args", hub_strategy="every_save",
     )  # fmt: skip

@@ -108,7 +108,7 @@ def _toy_args(tmp_path, **overrides):
         use_cpu=True,
         disable_tqdm=True,
         report_to="none",
-        max_prompt_length=192,
+        max_item_tokens=192,
     )
     values.update(overrides)
     return LRCLConfig(**values)

@@ -25,7 +25,7 @@ def test_lrcl_trains_lora_on_a_4bit_backbone(tmp_path):
         args=["--config", str(config), "--output_dir", str(tmp_path / "run"), "--max_steps", "3",
               "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--lora_r", "4", "--lora_alpha", "8",
               "--lora_dropout", "0", "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "true",
-              "--report_to", "none", "--max_prompt_length", "192", "--disable_tqdm", "true"]  # fmt: skip
+              "--report_to", "none", "--max_item_tokens", "192", "--disable_tqdm", "true"]  # fmt: skip
     )
     assert args.quantization == "4bit"
     trainer = LRCLTrainer(args=args, train_dataset=load_items(ASSETS / "tiny_catalog").select(range(8)))

@@ -12,7 +12,7 @@ def tiny_settings(output):
         backbone=str(ASSETS / "tiny-llama"),
         dataset=str(ASSETS / "tiny_catalog"),
         bf16=False,
-        lrcl=dict(max_steps=4, per_device_train_batch_size=8, max_prompt_length=192, lora_r=4, lora_alpha=8,
+        lrcl=dict(max_steps=4, per_device_train_batch_size=8, max_item_tokens=192, lora_r=4, lora_alpha=8,
                   lora_dropout=0.0, logging_steps=2, save_steps=2),
         crrl=dict(max_steps=2, per_device_train_batch_size=8, num_generations=4, candidate_num=4, noise_scale=0.3,
                   noise_scale_mode="relative", eval_item_fraction=0.25, reference_refresh_steps=1,

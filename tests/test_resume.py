@@ -22,7 +22,7 @@ def _lrcl_args(out: Path, **overrides):
     values = dict(
         output_dir=str(out), model_name_or_path=str(ASSETS / "tiny-llama"), max_steps=8, save_steps=4,
         per_device_train_batch_size=8, learning_rate=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        max_prompt_length=192, logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, report_to="none",
+        max_item_tokens=192, logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, report_to="none",
     )  # fmt: skip
     values.update(overrides)
     return LRCLConfig(**values)

@@ -303,7 +303,7 @@ def test_lora_layers_in_training_changes_only_top_layers(tmp_path):
     embedder = tiny_embedder("qwen2", layers=3)
     args = LRCLConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=6, learning_rate=1e-2,
                       lora_layers=1, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"],
-                      save_strategy="no", use_cpu=True, disable_tqdm=True, report_to="none", max_prompt_length=192)
+                      save_strategy="no", use_cpu=True, disable_tqdm=True, report_to="none", max_item_tokens=192)
     trainer = LRCLTrainer(embedder, args, train_dataset=load_items(ASSETS / "tiny_catalog"))
     assert _lora_layer_indices(embedder.model) == {2}
     before = {n: p.detach().clone() for n, p in embedder.model.named_parameters() if "lora_" in n}

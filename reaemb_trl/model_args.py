@@ -1,0 +1,123 @@
+"""ModelArguments: the backbone, prompt, pooling, LoRA and quantisation fields that LRCL and CRRL share (as TRL keeps
+its `ModelConfig`). `LRCLConfig(ModelArguments, TrainingArguments)` and `CRRLConfig(ModelArguments, GRPOConfig)`
+inherit them, so a field has one name and one meaning in both recipes (and one default: CRRLConfig only sets
+`model_name_or_path` to None, since CRRL normally starts from `lrcl_checkpoint`).
+
+LRCL builds its embedder from these fields. CRRL always reads `model_dtype` and `share_template`; the other backbone,
+prompt and pooling fields only when it starts from a bare backbone (no `lrcl_checkpoint`): an LRCL checkpoint keeps
+its own prompt format, pooling and adapter. The fields marked "LRCL:" in their help (LoRA creation) are unused by
+CRRL.
+
+No heavy imports here: `TrlParser((DataArguments, ModelArguments, ...))` and `--help` stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+# Keys that older configs used, with their new names: a config that still sets one fails with a message naming the
+# new key (see `check_renamed_keys`) instead of a bare "unknown argument".
+RENAMED_KEYS = {"max_prompt_length": "max_item_tokens"}
+QUANTIZATIONS = (None, "4bit")
+
+
+@dataclass
+class ModelArguments:
+    """The backbone, the item prompt, pooling, the thought module's RoPE base, LoRA and quantisation."""
+
+    # ---- backbone ---------------------------------------------------------------------------------------------
+    model_name_or_path: str = field(
+        default="smollm2",
+        metadata={"help": "Backbone: `smollm2` (the embedded SmolLM2-135M-Instruct), a hub id or a local folder."},
+    )
+    model_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype to load the backbone weights in (`float32`, `bfloat16`); None keeps the "
+                  "checkpoint's."},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel for the backbone (`sdpa`, `eager`, `flash_attention_2`). CRRL: only "
+                  "without lrcl_checkpoint."},
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={"help": "`4bit` loads the backbone in bitsandbytes nf4 for QLoRA; None for none. CRRL: only "
+                  "without lrcl_checkpoint."},
+    )
+    # ---- embedding --------------------------------------------------------------------------------------------
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "How the last hidden layer becomes the embedding: `mean` (all tokens), `last` (EOS) or "
+                  "`item_mean` (the item's own tokens, thought and EOS: not the prompt template). CRRL: only without "
+                  "lrcl_checkpoint (a checkpoint keeps its pooling)."},
+    )
+    thought_rope_base: float = field(
+        default=1000.0,
+        metadata={"help": "RoPE base of the thought module's attention. CRRL: only without lrcl_checkpoint."},
+    )
+    # ---- item prompt ------------------------------------------------------------------------------------------
+    max_item_tokens: int = field(
+        default=256,
+        metadata={"help": "Token budget of one item prompt (template, attributes, thought token and EOS); "
+                  "attributes are dropped or cut to fit. Formerly `max_prompt_length`. CRRL: only without "
+                  "lrcl_checkpoint (a checkpoint keeps its prompt format)."},
+    )
+    max_value_chars: int = field(
+        default=100,
+        metadata={"help": "Each attribute value is cut to this many characters. CRRL: only without lrcl_checkpoint."},
+    )
+    share_template: bool | None = field(
+        default=None,
+        metadata={"help": "Run the prompt template (the batch's common token prefix) once per step instead of once per "
+                  "row (same numbers). None: wherever exact, i.e. not while LoRA dropout > 0 trains; true: also then, "
+                  "the template tokens of all rows of a step then share one dropout mask (correlated dropout noise "
+                  "across the batch, weaker regularisation on the template); false: never."},
+    )
+    # ---- LoRA (LRCL creates the adapter; CRRL keeps the checkpoint's, see its train_lora) -----------------------
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "LRCL: train a LoRA adapter on the backbone (else only the thought module and tau)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LRCL: LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LRCL: LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LRCL: LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "LRCL: names of the linear layers that get LoRA adapters."},
+    )
+    lora_layers: int | None = field(
+        default=None,
+        metadata={"help": "LRCL: LoRA on the top k decoder layers only (the layers below then run without gradient "
+                  "in the prefix pass); None: every layer (the paper's)."},
+    )
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)  # TrainingArguments / GRPOConfig when mixed in
+        if parent is not None:
+            parent()
+        from reaemb_trl.embedder import POOLINGS
+
+        name = type(self).__name__
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{name}.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"{name}.quantization must be None or '4bit', got {self.quantization!r}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"{name}.lora_layers must be None or >= 1, got {self.lora_layers}")
+
+    def prompt_formatter(self):
+        """The `ItemPromptFormatter` these arguments describe (budget and value limit; the rest at its defaults)."""
+        from reaemb_trl.prompt import ItemPromptFormatter
+
+        return ItemPromptFormatter(max_length=self.max_item_tokens, max_value_chars=self.max_value_chars)
+
+
+def check_renamed_keys(keys: Iterable[str], where: str) -> None:
+    """ValueError naming the new key when `keys` (a config's keys, or `--flags` of a command line) hold a renamed
+    one."""
+    old = sorted({str(key).removeprefix("--").split("=", 1)[0] for key in keys} & set(RENAMED_KEYS))
+    if old:
+        renames = "; ".join(f"`{key}` was renamed to `{RENAMED_KEYS[key]}` (same meaning)" for key in old)
+        raise ValueError(f"{where}: {renames}: use the new name")
