@@ -1,5 +1,5 @@
 """CRRL ablation on MovieLens-100k: from one LRCL checkpoint, change one thing at a time from the paper's CRRL and
-measure it on items CRRL never trains on (the frozen yardstick, reaemb_trl.crrl_eval). The test split is never read.
+measure it on items CRRL never trains on (the frozen yardstick, reaemb_trl.crrl_yardstick). The test split is never read.
 
     python experiments/crrl_ablation.py --lrcl runs/ablation-lrcl/base/lrcl --output runs/ablation-crrl
     python experiments/crrl_ablation.py --lrcl ... --output ... --rows paper recommended --seeds 0 1 2

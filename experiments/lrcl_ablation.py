@@ -6,7 +6,7 @@ validation split and the held-out items only (the test split is never read here)
 
 Each row trains LRCL for the quickstart's budget (recipes/configs/quickstart.yaml: one epoch over the catalogue),
 exports its table and reports:
-- the frozen CRRL yardstick (reaemb_trl.crrl_eval) on the quickstart's held-out items: validation pairs (does the
+- the frozen CRRL yardstick (reaemb_trl.crrl_yardstick) on the quickstart's held-out items: validation pairs (does the
   user's last training item rank the validation item first among 100?) and the anchor reward with the
   popularity-normalised positive, both with centred cosine;
 - the downstream validation NDCG@10 (SASRec, the quickstart's protocol, frozen table + adapter), mean over seeds of
@@ -72,7 +72,7 @@ def main() -> None:
         tables[name] = table_of(settings.output / "lrcl", data, settings.output / "lrcl.safetensors", settings)
         if "raw" not in tables:  # the untrained backbone with the base row's prompt and pooling
             tables["raw"] = table_of(settings.output / "lrcl", data, args.output / "raw.safetensors", settings,
-                                     use_thought=False)
+                                     without_thought=True)
         report["rows"][name] = {"label": label, "change": change, "lrcl": info,
                                 "yardstick": yardstick_scores(tables[name], yardstick)}
         write_json(args.output / "ablation_lrcl.json", report)

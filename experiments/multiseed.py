@@ -41,7 +41,7 @@ def main() -> None:
         runs[seed] = {"lrcl": run_lrcl(settings, data), "crrl": run_crrl(settings, data)}
         if "raw" not in tables:
             tables["raw"] = table_of(settings.output / "lrcl", data, args.output / "raw.safetensors", settings,
-                                     use_thought=False)
+                                     without_thought=True)
         tables[f"lrcl-{seed}"] = table_of(settings.output / "lrcl", data, settings.output / "lrcl.safetensors", settings)
         tables[f"crrl-{seed}"] = table_of(settings.output / "crrl", data, settings.output / "crrl.safetensors", settings)
         for mode in args.modes:

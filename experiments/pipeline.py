@@ -56,14 +56,15 @@ def run_crrl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
 
 
 def table_of(checkpoint: Path, data: LoadedDataset, path: Path, settings: QuickstartSettings,
-             use_thought: bool = True, backbone: str | None = None) -> Path:
-    """Export the table of a checkpoint (or of the bare backbone, `use_thought=False`) unless it exists."""
+             without_thought: bool = False, backbone: str | None = None) -> Path:
+    """Export the table of a checkpoint (or of the bare backbone with the checkpoint's prompt and pooling,
+    `without_thought=True`) unless it exists."""
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.export import export_table
 
     if path.exists():
         return path
-    if use_thought:
+    if not without_thought:
         embedder = ThoughtEmbedder.from_pretrained(checkpoint, device=settings.device)
         source = str(checkpoint)
     else:
@@ -71,13 +72,13 @@ def table_of(checkpoint: Path, data: LoadedDataset, path: Path, settings: Quicks
         embedder = ThoughtEmbedder.from_backbone(backbone or settings.backbone, formatter=like.formatter,
                                                  pooling=like.pooling).to(settings.device)
         source = backbone or settings.backbone
-    export_table(embedder, data.rows, path, source=source, use_thought=use_thought,
+    export_table(embedder, data.rows, path, source=source, without_thought=without_thought,
                  batch_size=settings.export_batch, progress=False)
     return path
 
 
 def yardstick_for(data: LoadedDataset):
-    from reaemb_trl.crrl_eval import CRRLYardstick, held_out_items
+    from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
 
     ids = [r["item_id"] for r in data.rows]
     return CRRLYardstick(data.sequences, ids, held_out_items(ids, HELD_OUT_FRACTION))

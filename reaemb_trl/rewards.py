@@ -22,7 +22,7 @@ Always accept `**kwargs`: more arguments may be added. Arguments passed by `CRRL
     log_extra, log_metric callables (TRL's)
 
 Reward functions are given as callables or names: a built-in short name (`rank`, `multi_positive_rank`, `softmax`,
-`collaborative_agreement`) or a dotted path `package.module:function` / `package.module.function`.
+`log_softmax`, `collaborative_agreement`) or a dotted path `package.module:function` / `package.module.function`.
 """
 
 from __future__ import annotations
@@ -99,6 +99,20 @@ def softmax_reward(similarities, positive_mask, positive_weights=None, reward_te
     mask = _as_tensor(positive_mask, torch.bool)
     probs = (_as_tensor(similarities).double() / reward_temperature).softmax(-1).float()
     reward = (_weights(mask, positive_weights) * probs).sum(-1)
+    return _to_list(reward, mask.any(-1))
+
+
+def log_softmax_reward(similarities, positive_mask, positive_weights=None, reward_temperature: float = 1.0,
+                       **kwargs):
+    """Log-likelihood reward: sum_b w_b * log softmax(s / T)_b over the positives b - the contrastive loss of the
+    item against its candidates, negated. Unlike a rank (piecewise constant) or a probability (flat where the
+    positive is far behind or far ahead), it moves with every change of the embedding and never saturates.
+    Rows without a positive: None."""
+    if reward_temperature <= 0:
+        raise ValueError(f"reward_temperature must be > 0, got {reward_temperature}")
+    mask = _as_tensor(positive_mask, torch.bool)
+    log_probs = (_as_tensor(similarities).double() / reward_temperature).log_softmax(-1)
+    reward = (_weights(mask, positive_weights).double() * log_probs.masked_fill(~mask, 0.0)).sum(-1).float()
     return _to_list(reward, mask.any(-1))
 
 
@@ -182,6 +196,7 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
     "rank": rank_reward,
     "multi_positive_rank": multi_positive_rank_reward,
     "softmax": softmax_reward,
+    "log_softmax": log_softmax_reward,
     "collaborative_agreement": collaborative_agreement_reward,
 }
 
@@ -233,6 +248,7 @@ __all__ = [
     "REWARD_REGISTRY",
     "CollaborativeTable",
     "collaborative_agreement_reward",
+    "log_softmax_reward",
     "multi_positive_rank_reward",
     "positive_ranks",
     "rank_reward",

@@ -14,6 +14,7 @@ from reaemb_trl.rewards import (
     rank_reward,
     resolve_reward,
     softmax_reward,
+    log_softmax_reward,
 )
 
 
@@ -53,6 +54,20 @@ def test_multi_positive_rank_reward_weights():
     # with one positive it is the rank reward
     one = torch.tensor([[1, 0, 0, 0, 0]], dtype=torch.bool)
     assert multi_positive_rank_reward(similarities=sims, positive_mask=one) == rank_reward(similarities=sims, positive_mask=one)
+
+
+def test_log_softmax_reward():
+    sims = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.2, 0.4, 0.1]])
+    mask = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.25, 0.75, 0.0]])
+    got = log_softmax_reward(similarities=sims, positive_mask=mask, positive_weights=w, reward_temperature=0.5)
+    log_z = math.log(math.exp(0.4) + math.exp(0.8) + math.exp(0.2))
+    assert got[0] == pytest.approx(2 - math.log(math.exp(2) + 2)) and got[1] is None
+    assert got[2] == pytest.approx(0.25 * (0.4 - log_z) + 0.75 * (0.8 - log_z))
+    # it keeps rising where the softmax probability is already ~1 (no saturation)
+    near, far = ([log_softmax_reward(similarities=torch.tensor([[s, 0.0]]), positive_mask=torch.tensor([[True, False]]),
+                                     reward_temperature=0.05)[0] for s in (1.0, 1.2)])
+    assert far > near
 
 
 def test_softmax_reward():
