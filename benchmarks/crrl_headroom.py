@@ -1,7 +1,7 @@
 """Headroom of CRRL: how far can the thought alone move the frozen yardstick, with exact gradients?
 
 CRRL changes only the thought vector that the LLM reads before EOS. Before tuning a policy, measure what any policy
-could reach (run by hand; numbers in docs/crrl.md):
+could reach (run by hand; numbers in docs/ablations.md):
 
 1. Per-item oracle: for every held-out item of the yardstick, optimise its thought vector z directly (Adam, through
    the 2-token suffix) to put the yardstick's own positive first among its own 10 candidates (softmax over centred

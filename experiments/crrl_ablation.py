@@ -31,7 +31,7 @@ PAPER = dict(noise_scale=0.1, noise_scale_mode="absolute", learning_rate=1e-4, r
              negative_sampling="uniform", candidate_num=10, reference_refresh_steps=0, antithetic=False,
              thought_trainable="all", reward_temperature=1.0, lr_scheduler_type="constant", warmup_steps=0)
 # What the ablation supports, stacked (the quickstart's CRRL section mirrors it).
-RECOMMENDED = dict(noise_scale=0.3, noise_scale_mode="relative", learning_rate=1e-5, reward_funcs=["softmax"],
+RECOMMENDED = dict(noise_scale=0.3, noise_scale_mode="relative", learning_rate=1e-5, reward_funcs=["log_softmax"],
                    reward_temperature=0.05, similarity="centered_cosine", advantage_baseline="noisy",
                    positive_score="cosine", min_support=2, negative_sampling="popularity", candidate_num=20,
                    reference_refresh_steps=20, antithetic=True)
@@ -43,6 +43,9 @@ ROWS = {
     "softmax": ("softmax reward (temperature 0.05) on centred cosine",
                 dict(reward_funcs=["softmax"], reward_temperature=0.05, similarity="centered_cosine",
                      reference_refresh_steps=20)),
+    "log_softmax": ("log-softmax reward (temperature 0.05) on centred cosine",
+                    dict(reward_funcs=["log_softmax"], reward_temperature=0.05, similarity="centered_cosine",
+                         reference_refresh_steps=20)),
     "normalized_positives": ("positives by cosine-normalised co-occurrence (support >= 2)",
                              dict(positive_score="cosine", min_support=2)),
     "popularity_negatives": ("popularity-matched negatives", dict(negative_sampling="popularity")),
@@ -50,6 +53,9 @@ ROWS = {
     "antithetic": ("antithetic noise pairs", dict(antithetic=True)),
     "candidates20": ("20 candidates", dict(candidate_num=20)),
     "recommended": ("all of the above that helped, together", RECOMMENDED),
+    "recommended_lr3e-5": ("recommended, learning rate 3e-5", {**RECOMMENDED, "learning_rate": 3e-5}),
+    "recommended_1iter": ("recommended, one iteration per rollout (no reuse, no clipping)",
+                          {**RECOMMENDED, "num_iterations": 1}),
 }
 KEYS = {
     "anchor": "anchor_normalized_centered_cosine",

@@ -622,7 +622,9 @@ class ThoughtEmbedder(nn.Module):
         if not self.has_adapter or not file.exists():
             return not self.has_adapter and not file.exists()
         theirs = load_file(file)
-        mine = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+        # as saved: without the (resized) embedding layers, which the LoRA checkpoint never holds
+        mine = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        mine = {k: v.detach().cpu() for k, v in mine.items()}
         return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
     def load_trained_state(self, folder: str | os.PathLike, adapter: bool = True) -> None:

@@ -161,7 +161,7 @@ def test_recommended_settings_raise_the_held_out_anchor_reward(tmp_path):
     """Users stay within a genre; CRRL trains on 75% of the items and must move the frozen yardstick on the other
     25%, which it never trains on: the module has to learn to write the genre, not to memorise items. Last-token
     pooling: with mean pooling over ~100 prompt tokens the two suffix tokens barely move the tiny model's
-    embedding (docs/crrl.md measures this leverage on SmolLM2)."""
+    embedding (docs/ablations.md measures this leverage on SmolLM2)."""
     from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
 
     items, seqs = genre_world(users=96)

@@ -198,3 +198,32 @@ def test_thought_token_added_without_shrinking_a_padded_embedding_table():
     small = tiny_causal_lm(vocab=400)
     add_thought_token(tiny_tokenizer(), small)
     assert small.get_input_embeddings().weight.shape[0] == 401
+
+
+def test_same_adapter_as_holds_across_a_resized_vocabulary(tmp_path):
+    """A backbone whose vocabulary has no spare row grows one for the thought token; PEFT then counts the resized
+    embedding layers as trainable state, which the saved adapter never holds. Comparing with them made every
+    checkpoint look different from its own LRCL start (so LRCL and CRRL exports never shared a prefix pass)."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    backbone = save_tiny_backbone(tmp_path / "backbone", vocab=len(tiny_tokenizer()))  # full: the thought token resizes
+    embedder = ThoughtEmbedder.from_backbone(
+        str(backbone), lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert embedder.model.get_input_embeddings().weight.shape[0] > len(tiny_tokenizer())
+    with torch.no_grad():
+        for name, p in embedder.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    embedder.save_pretrained(tmp_path / "lrcl")
+    loaded = ThoughtEmbedder.from_pretrained(tmp_path / "lrcl")
+    assert loaded.same_adapter_as(tmp_path / "lrcl")
+
+    other = tmp_path / "other"
+    loaded.save_pretrained(other)
+    file = loaded.adapter_weights_file(other)
+    weights = load_file(file)
+    key = next(k for k in weights if "lora_B" in k)
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, file)
+    assert not loaded.same_adapter_as(other)

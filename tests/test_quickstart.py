@@ -21,6 +21,8 @@ def tiny_settings(output):
         export_pca=8,
         evaluation=dict(hidden=16, max_len=16, batch_size=32, max_epochs=2, patience=2),
         eval_seeds=1,
+        eval_workers=1,
+        hybrid=True,
     )
 
 

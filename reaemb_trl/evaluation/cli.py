@@ -44,6 +44,8 @@ def evaluate_command(
     tail_user: int = typer.Option(10, "--tail-user", help="Tail user: history shorter than this."),
     tail_item: int = typer.Option(20, "--tail-item", help="Tail item: fewer distinct training users than this."),
     device: str = typer.Option("cpu", "--device"),
+    workers: int = typer.Option(1, "--workers", help="(table, seed) runs at once in worker processes that share the "
+                                "CPU threads (on 2 cores, 2 workers are ~1.7x faster)."),
 ) -> None:
     """Compare item tables on a downstream sequential recommender over several seeds, with paired tests."""
     from reaemb_trl.data.errors import DataFormatError
@@ -64,7 +66,8 @@ def evaluate_command(
                             hidden=hidden, max_len=max_len, lr=lr, sampled_softmax_above=sampled_softmax_above,
                             num_sampled=num_sampled, tail_user_threshold=tail_user, tail_item_threshold=tail_item,
                             device=device)
-        results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=table_mode)
+        results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=table_mode,
+                                 workers=workers)
     except (DataFormatError, ValueError, FloatingPointError) as exc:
         _fail(str(exc))
     paths = write_report(results, output)
