@@ -56,6 +56,10 @@ ROWS = {
     "recommended_lr3e-5": ("recommended, learning rate 3e-5", {**RECOMMENDED, "learning_rate": 3e-5}),
     "recommended_1iter": ("recommended, one iteration per rollout (no reuse, no clipping)",
                           {**RECOMMENDED, "num_iterations": 1}),
+    "recommended_1iter_lr3e-5": ("recommended, one iteration, learning rate 3e-5",
+                                 {**RECOMMENDED, "num_iterations": 1, "learning_rate": 3e-5}),
+    "recommended_1iter_lr1e-4": ("recommended, one iteration, learning rate 1e-4",
+                                 {**RECOMMENDED, "num_iterations": 1, "learning_rate": 1e-4}),
 }
 KEYS = {
     "anchor": "anchor_normalized_centered_cosine",

@@ -881,6 +881,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         if self.yardstick is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         ids, table = self.catalogue_table()
+        self.last_catalogue_table = (ids, table)  # the quickstart writes it as an item table (no second encoding)
         scores = self.yardstick.score(table.cpu(), ids)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
         metrics["epoch"] = self.state.epoch

@@ -322,6 +322,25 @@ def export_table(
     return _write_tables({"table": (Path(output), metadata)}, raw, ids, pca)["table"]
 
 
+def write_encoded_table(
+    embedder,
+    item_ids: Sequence[str],
+    embeddings: torch.Tensor,
+    output: str | os.PathLike,
+    *,
+    source: str,
+    pca: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a table that was encoded elsewhere with `embedder` as it is now (e.g. the CRRL trainer's noise-free
+    catalogue table at an evaluation), with the metadata `export_table` would give it."""
+    check_pca(pca, len(item_ids), embeddings.shape[1])
+    metadata = table_metadata(embedder, source, dtype=dtype)
+    ids = [str(i) for i in item_ids]
+    return _write_tables({"table": (Path(output), metadata)}, {"table": embeddings.detach().float().cpu()}, ids,
+                         pca)["table"]
+
+
 def export_thought_variants(
     embedder,
     items: Sequence[dict],

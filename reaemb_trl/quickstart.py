@@ -128,15 +128,21 @@ def train_crrl(settings: QuickstartSettings, data) -> dict:
     from reaemb_trl.builders import DataArguments, build_crrl_trainer
     from reaemb_trl.crrl_config import CRRLConfig
 
-    folder = settings.output / "crrl"
+    folder, tables = settings.output / "crrl", settings.output / "tables"
+    for name in ("lrcl", "crrl"):  # written below from the yardstick's encodings, or by export_tables
+        (tables / f"{name}.safetensors").unlink(missing_ok=True)
     args = CRRLConfig(**{"lrcl_checkpoint": str(settings.output / "lrcl"), **_training_args(settings, folder),
                          **settings.crrl})
     trainer = build_crrl_trainer(DataArguments(dataset=str(data.folder)), args, data)
     resume = _last_checkpoint(folder)
     before = trainer.evaluate(metric_key_prefix="start") if trainer.yardstick is not None and not resume else None
+    if before is not None:  # the LRCL table: the catalogue under the thought module CRRL starts from
+        _write_yardstick_table(trainer, settings, tables / "lrcl.safetensors", settings.output / "lrcl")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(folder))
     after = trainer.evaluate(metric_key_prefix="end") if trainer.yardstick is not None else None
+    if before is not None:
+        _write_yardstick_table(trainer, settings, tables / "crrl.safetensors", folder)
     history = trainer.state.log_history
     rewards = [h["reward"] for h in history if "reward" in h]
     return {"steps": trainer.state.global_step, "trained_items": len(trainer.train_dataset),
@@ -147,6 +153,18 @@ def train_crrl(settings: QuickstartSettings, data) -> dict:
             "log_ratio_iter2": _mean_logged(history, "policy/log_ratio_abs/iter2"),
             "delta_mu_iter2": _mean_logged(history, "policy/delta_mu_over_sigma/iter2"),
             "yardstick_start": before, "yardstick_end": after}
+
+
+def _write_yardstick_table(trainer, settings: QuickstartSettings, path: Path, source: Path) -> None:
+    """The catalogue table the trainer's last evaluation encoded, written as an item table: the export stage then
+    encodes only the raw backbone."""
+    import torch
+
+    from reaemb_trl.export import write_encoded_table
+
+    ids, table = trainer.last_catalogue_table
+    write_encoded_table(trainer.embedder, ids, table, path, source=str(source), pca=settings.export_pca,
+                        dtype=torch.bfloat16 if trainer.args.bf16 else None)
 
 
 def _mean_logged(history: list[dict], key: str) -> float | None:
@@ -167,7 +185,9 @@ def export_tables(settings: QuickstartSettings, data) -> dict:
     export_table(raw.to(settings.device), rows, tables / "raw.safetensors", source=settings.backbone,
                  without_thought=True, batch_size=settings.export_batch, pca=settings.export_pca)
     del raw
-    if crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
+    if all((tables / f"{name}.safetensors").exists() for name in ("lrcl", "crrl")):
+        pass  # train_crrl wrote both from the noise-free catalogue tables of its yardstick evaluations
+    elif crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
         export_thought_variants(crrl, rows, {
             "lrcl": (tables / "lrcl.safetensors", crrl.thought_module_from(out / "lrcl"), str(out / "lrcl")),
             "crrl": (tables / "crrl.safetensors", crrl.thought_module, str(out / "crrl")),

@@ -64,6 +64,15 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys):
 
     with safe_open(str(out / "tables" / "crrl.safetensors"), "pt") as table:
         assert table.get_tensor("embeddings").shape == (48, 8) and table.metadata()["pca"] == "8"
+    # the LRCL and CRRL tables come from CRRL's yardstick encodings: each must be the table of its own checkpoint
+    from reaemb_trl.embedder import ThoughtEmbedder
+    from reaemb_trl.item_table import embedder_fingerprint, read_table
+
+    for name in ("lrcl", "crrl"):
+        checkpoint = ThoughtEmbedder.from_pretrained(out / name)
+        meta = read_table(out / "tables" / f"{name}.safetensors").metadata
+        assert meta["fingerprint"] == embedder_fingerprint(checkpoint, checkpoint.thought_module), name
+        assert meta["source"] == str(out / name)
     lrcl_stage = json.loads((out / ".stages" / "lrcl.json").read_text())
     assert lrcl_stage["first_loss"] is not None and lrcl_stage["seconds"] >= 0
     crrl_stage = json.loads((out / ".stages" / "crrl.json").read_text())
