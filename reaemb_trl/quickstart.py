@@ -263,7 +263,7 @@ def quickstart_command(
     device: str = typer.Option(None, "--device", help="cpu or cuda (training, export and evaluation)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds of the downstream evaluation (default 3)."),
     hybrid: bool = typer.Option(None, "--hybrid/--no-hybrid", help="Also evaluate each LLM table as ids + "
-                                "adapter(table) (default: the settings file's; adds ~9 min on 2 cores)."),
+                                "adapter(table) (default: the settings file's; 9 more runs, ~9 min on 2 cores)."),
 ) -> None:
     """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with MostPop, ids and each
     table (frozen and hybrid), with paired tests; settings from recipes/configs/quickstart.yaml."""

@@ -19,6 +19,7 @@ TESTS = Path(__file__).parent
 
 SCRIPT = textwrap.dedent(
     '''
+    import os
     import sys
     sys.path.insert(0, {tests!r})
     import torch
@@ -50,7 +51,12 @@ SCRIPT = textwrap.dedent(
             out + "/result.pt",
         )
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # The result is written. Leave without the process group's C++ teardown: on a loaded 2-core machine it can abort
+    # one rank after the work is done ("terminate called without an active exception"), which is not what this
+    # test is about.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     '''
 )
 
