@@ -78,3 +78,15 @@ def test_compare_tables_cli_and_report(tmp_path):
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert set(saved["tables"]) == {"id", "llm"} and saved["model"] == "gru4rec"
     assert (tmp_path / "cli" / "ndcg10.png").exists() and (tmp_path / "cli" / "results.md").exists()
+
+
+def test_worker_processes_give_the_same_results_as_one_process():
+    """The quickstart evaluates with 2 worker processes: the schedule must not change any result."""
+    dataset = _cyclic_dataset(users=60)
+    config = _config("sasrec", max_epochs=3)
+    serial = compare_tables(dataset, ["mostpop", "id"], seeds=2, config=config, progress=False)
+    parallel = compare_tables(dataset, ["mostpop", "id"], seeds=2, config=config, progress=False, workers=2)
+    for name in ("mostpop", "id"):
+        assert serial["tables"][name]["test_ranks"] == parallel["tables"][name]["test_ranks"], name
+        assert serial["tables"][name]["groups"] == parallel["tables"][name]["groups"], name
+    assert serial["comparisons"] == parallel["comparisons"]

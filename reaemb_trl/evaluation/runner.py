@@ -438,6 +438,8 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
         with context.Pool(workers) as pool:
             pending = pool.imap(_run_job, [(split, spec, config, seed, threads) for spec, seed in jobs])
             results = list(tqdm(pending, total=len(jobs), desc=f"runs ({workers} workers)", disable=not progress))
+            pool.close()  # let the workers exit on their own (leaving the block would terminate them)
+            pool.join()
     for (spec, _), result in zip(jobs, results):
         runs[spec.name].append(result)
     return aggregate(runs, config, split, specs, compare, baseline_pairs)
