@@ -117,7 +117,7 @@ class CRRLConfig(ModelArguments, GRPOConfig):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["rank"],
         metadata={"help": "Reward functions: built-in names (`rank`, `multi_positive_rank`, `softmax`, "
-                  "`collaborative_agreement`) or dotted paths (`my_pkg.module:fn`). Combine with `reward_weights`."},
+                  "`log_softmax`, `collaborative_agreement`) or dotted paths (`my_pkg.module:fn`). Combine with `reward_weights`."},
     )
     similarity: str = field(
         default="dot",
