@@ -60,6 +60,9 @@ ROWS = {
                                  {**RECOMMENDED, "num_iterations": 1, "learning_rate": 3e-5}),
     "recommended_1iter_lr1e-4": ("recommended, one iteration, learning rate 1e-4",
                                  {**RECOMMENDED, "num_iterations": 1, "learning_rate": 1e-4}),
+    "recommended_lora": ("recommended, the LoRA adapter trains too (through mu)", {**RECOMMENDED, "train_lora": True}),
+    "recommended_value": ("recommended, only the thought module's value projection trains",
+                          {**RECOMMENDED, "thought_trainable": "value"}),
 }
 KEYS = {
     "anchor": "anchor_normalized_centered_cosine",

@@ -9,7 +9,8 @@ thought modules (CRRL leaves the LLM as LRCL trained it).
         --crrl runs/ablation-crrl/recommended-seed42/crrl --output runs/ablation-crrl/recommended-fit.json
 
 If the training items gain and the held-out items do not, CRRL learns but does not generalise; if neither gains,
-the policy does not fit its own reward's items.
+the policy does not fit its own reward's items. Each set also gets a paired Wilcoxon test over its items on the
+primary anchor reward (popularity-normalised positive, centred cosine): LRCL's thought vs CRRL's, item by item.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
 
     from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
     from reaemb_trl.embedder import ThoughtEmbedder
+    from reaemb_trl.evaluation.significance import wilcoxon_signed_rank
     from reaemb_trl.provenance import fast_bf16_available
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,11 +62,18 @@ def main() -> None:
         result[label] = {key: {"lrcl": scores["lrcl"][key], "crrl": scores["crrl"][key],
                                "gain": scores["crrl"][key] - scores["lrcl"][key]} for key in KEYS}
         result[label]["anchor_items"] = scores["lrcl"].get("anchor_items")
+        per_item = {name: yardstick.anchor_rewards(table, ids) for name, table in tables.items()}
+        common = sorted(set(per_item["lrcl"]) & set(per_item["crrl"]))
+        _, p_value, differing = wilcoxon_signed_rank([per_item["crrl"][i] for i in common],
+                                                     [per_item["lrcl"][i] for i in common])
+        result[label]["paired_wilcoxon"] = {"items": len(common), "items_changed": differing, "p": p_value}
     write_json(args.output, result)
     for label in ("held_out", "trained"):
         row = result[label]["anchor_normalized_centered_cosine"]
+        test = result[label]["paired_wilcoxon"]
         print(f"{label:9s} anchor (normalised, centred cos): {row['lrcl']:.4f} -> {row['crrl']:.4f} "
-              f"({row['gain']:+.4f})")
+              f"({row['gain']:+.4f}; paired Wilcoxon p = {test['p']:.3g}, {test['items_changed']} of "
+              f"{test['items']} items changed)")
 
 
 if __name__ == "__main__":

@@ -125,14 +125,32 @@ class CRRLYardstick:
         out["pair_users"] = float(len(self.pairs.anchor_ids))
         return out
 
+    def anchor_rewards(self, table: torch.Tensor, table_ids: Sequence[str], positive: str = "normalized",
+                       similarity: str = "centered_cosine", center: torch.Tensor | None = None) -> dict[str, float]:
+        """Per item: the anchor rank reward behind `score`'s `anchor_<positive>_<similarity>` (for paired tests)."""
+        if positive not in self.anchor_tasks:
+            raise ValueError(f"positive must be one of {list(self.anchor_tasks)}, got {positive!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        task = self.anchor_tasks[positive]
+        row = {str(item): n for n, item in enumerate(table_ids)}
+        table = table.float()
+        center = table.mean(0) if center is None else center.float()
+        values = _rank_rewards(table, row, task.item_ids, task.candidate_ids, torch.as_tensor(task.positive_weights),
+                               similarity, center)
+        return {item: float(v) for item, v in zip(task.item_ids, values) if v is not None}
 
-def _mean_rank_reward(table, row, item_ids, candidate_ids, weights, kind, center) -> float:
+
+def _rank_rewards(table, row, item_ids, candidate_ids, weights, kind, center) -> list[float | None]:
     items = table[torch.tensor([row[i] for i in item_ids])]
     cands = table[torch.tensor([[row[c] for c in r] for r in candidate_ids])]
     if kind == "centered_cosine":
         items, cands, kind = items - center, cands - center, "cosine"
-    values = resolve_reward("rank")(similarities=similarity_matrix(items, cands, kind), positive_mask=weights > 0)
-    scored = [v for v in values if v is not None]
+    return resolve_reward("rank")(similarities=similarity_matrix(items, cands, kind), positive_mask=weights > 0)
+
+
+def _mean_rank_reward(table, row, item_ids, candidate_ids, weights, kind, center) -> float:
+    scored = [v for v in _rank_rewards(table, row, item_ids, candidate_ids, weights, kind, center) if v is not None]
     return float(sum(scored) / len(scored))
 
 

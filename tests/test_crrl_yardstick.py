@@ -65,6 +65,22 @@ def test_yardstick_scores_by_hand_and_its_definition_is_frozen():
     assert again.pairs.candidate_ids == yardstick.pairs.candidate_ids
 
 
+def test_per_item_anchor_rewards_are_the_ones_the_score_averages():
+    yardstick = CRRLYardstick(SEQUENCES, IDS, items=["a", "b", "c", "d", "e"])
+    table = torch.randn(len(IDS), 6)
+    scores = yardstick.score(table, IDS)
+    for positive in ("count", "normalized"):
+        for kind in ("dot", "centered_cosine"):
+            per_item = yardstick.anchor_rewards(table, IDS, positive, kind)
+            assert set(per_item) == set(yardstick.anchor_tasks[positive].item_ids)
+            assert math.isclose(sum(per_item.values()) / len(per_item), scores[f"anchor_{positive}_{kind}"],
+                                rel_tol=1e-9)
+    count = yardstick.anchor_tasks["count"]
+    row = dict(zip(count.item_ids, count.candidate_ids))["a"]
+    assert math.isclose(yardstick.anchor_rewards(table, IDS, "count", "dot")["a"],
+                        hand_rank_reward(table, IDS, "a", row), rel_tol=1e-6)
+
+
 def test_validation_pairs_use_the_validation_item_and_unseen_negatives():
     yardstick = CRRLYardstick(SEQUENCES, IDS, items=[])
     pairs = yardstick.pairs
