@@ -93,7 +93,7 @@ def supervised_loss(embedder, prefix_ids, cands, center, train: str, lora: list,
     with the gradient paths `train` allows."""
     with torch.set_grad_enabled(train != "module"), autocast:
         prefix = embedder.encode_prefix(prefix_ids)
-    mu = embedder.thought_module(prefix.hidden if train != "module" else prefix.hidden.detach(), prefix.mask)
+    mu = embedder.thought_module(prefix.hidden, prefix.mask)  # with `module`, the prefix carries no gradient
     if train == "lora_via_thought":
         # As in CRRL, the adapter learns only through mu: the pooled prefix, its keys/values and the suffix pass's
         # own use of the adapter are constants (a weight without requires_grad is a constant for autograd).

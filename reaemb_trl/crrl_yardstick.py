@@ -104,9 +104,7 @@ class CRRLYardstick:
     def score(self, table: torch.Tensor, table_ids: Sequence[str], center: torch.Tensor | None = None) -> dict:
         """Mean rank rewards of a table (rows = `table_ids`; `center` the mean row used by centred cosine,
         default the table's own mean). Keys: `anchor_<positive>_<similarity>` and `pairs_<similarity>`."""
-        row = {str(item): n for n, item in enumerate(table_ids)}
-        table = table.float()
-        center = table.mean(0) if center is None else center.float()
+        table, row, center = _prepared(table, table_ids, center)
         out = {}
         for name, task in self.anchor_tasks.items():
             if not task.item_ids:
@@ -133,12 +131,17 @@ class CRRLYardstick:
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         task = self.anchor_tasks[positive]
-        row = {str(item): n for n, item in enumerate(table_ids)}
-        table = table.float()
-        center = table.mean(0) if center is None else center.float()
+        table, row, center = _prepared(table, table_ids, center)
         values = _rank_rewards(table, row, task.item_ids, task.candidate_ids, torch.as_tensor(task.positive_weights),
                                similarity, center)
         return {item: float(v) for item, v in zip(task.item_ids, values) if v is not None}
+
+
+def _prepared(table: torch.Tensor, table_ids: Sequence[str], center: torch.Tensor | None):
+    """(fp32 table, item id -> row, centre: `center` or the table's mean row), what every score reads."""
+    table = table.float()
+    row = {str(item): n for n, item in enumerate(table_ids)}
+    return table, row, table.mean(0) if center is None else center.float()
 
 
 def _rank_rewards(table, row, item_ids, candidate_ids, weights, kind, center) -> list[float | None]:
