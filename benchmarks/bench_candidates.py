@@ -1,7 +1,7 @@
 """Build time of the CRRL co-occurrence candidate index on a synthetic log (default 100k items, 3M interactions).
 
-    python benchmarks/bench_candidates.py                       # 100k items, ~3M interactions
-    python benchmarks/bench_candidates.py --items 10000 --interactions 300000
+    python -m benchmarks.bench_candidates                       # 100k items, ~3M interactions
+    python -m benchmarks.bench_candidates --items 10000 --interactions 300000
 
 Prints the index build time (from `{user: [items]}`, training interactions only) and the time to draw the
 candidates of one training batch and of a whole epoch's worth of items (extrapolated from batches).

@@ -2,9 +2,9 @@
 pass 1) vs the fast path (each prefix encoded once, shared by all copies and iterations; only the 2-token suffix per
 action; the policy loss runs no LLM pass). Same process, same data.
 
-    python benchmarks/bench_crrl.py --backbone tiny
-    python benchmarks/bench_crrl.py --backbone smollm2 --items 4 --generations 8 --candidates 10
-    python benchmarks/bench_crrl.py --backbone qwen2.5-0.5b-random --device cuda --dtype bfloat16 --json crrl.json
+    python -m benchmarks.bench_crrl --backbone tiny
+    python -m benchmarks.bench_crrl --backbone smollm2 --items 4 --generations 8 --candidates 10
+    python -m benchmarks.bench_crrl --backbone qwen2.5-0.5b-random --device cuda --dtype bfloat16 --json crrl.json
 
 A step = generate and score (embed B x G actions and B x N candidates, rewards, advantages) + num_iterations
 policy-loss evaluations with backward, as TRL's buffering does with num_iterations=2.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed, write_json
+from benchmarks.common import build_embedder, machine, peak_memory, print_table, random_prefixes, timed, write_json
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Downstream evaluation speed (run by hand; numbers in docs/benchmarks.md, "Downstream evaluation").
 
-    python benchmarks/bench_eval.py loss --epochs 2          # chunked softmax vs the full-logit path, same process
-    python benchmarks/bench_eval.py workers --runs 4         # compare_tables with 1 vs 2 worker processes
-    python benchmarks/bench_eval.py defaults                 # one `reaemb evaluate` SASRec run with its defaults on a
+    python -m benchmarks.bench_eval loss --epochs 2          # chunked softmax vs the full-logit path, same process
+    python -m benchmarks.bench_eval workers --runs 4         # compare_tables with 1 vs 2 worker processes
+    python -m benchmarks.bench_eval defaults                 # one `reaemb evaluate` SASRec run with its defaults on a
                                                              # synthetic 4,905-user x 2,420-item log (Amazon-Office-sized)
 
 `loss` trains SASRec (CE, history excluded) on MovieLens-100k for the given epochs twice per path, interleaved, from
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 def reference_loss(model, batch, cfg, num_items, gen):
     """The full-logit CE of one batch of windows (the slow path)."""
-    from reaemb_trl.evaluation.objectives import first_seen
-    from reaemb_trl.evaluation.runner import training_targets
+    from reaemb_trl.evaluation.losses import first_seen
+    from reaemb_trl.evaluation.training import training_targets
 
     users = batch[1]
     inputs, targets, limit = training_targets(model, batch, cfg, gen)
@@ -42,8 +42,8 @@ def bench_loss(args) -> dict:
     from reaemb_trl.data.canonical import RecDataset
     from reaemb_trl.evaluation import EvalConfig, leave_one_out
     from reaemb_trl.evaluation.models import build_model
-    from reaemb_trl.evaluation.objectives import proposal_log_q
-    from reaemb_trl.evaluation.runner import TrainingBatches, _training_loss
+    from reaemb_trl.evaluation.losses import proposal_log_q
+    from reaemb_trl.evaluation.training import TrainingBatches, training_loss
     from reaemb_trl.evaluation.tables import build_table
 
     split = leave_one_out(RecDataset.load(resolve_dataset("ml-100k")))
@@ -54,7 +54,7 @@ def bench_loss(args) -> dict:
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
     paths = {
         "full logits (before)": lambda m, b, g: reference_loss(m, b, cfg, split.num_items, g),
-        "chunked softmax (now)": lambda m, b, g: _training_loss(m, b, cfg, split.num_items, True, log_q, g),
+        "chunked softmax (now)": lambda m, b, g: training_loss(m, b, cfg, split.num_items, True, log_q, g),
     }
     seconds = {name: [] for name in paths}
     for repeat in range(args.repeats):

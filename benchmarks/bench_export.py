@@ -5,9 +5,9 @@
   before template sharing);
 - `fast+template`: the prompt template runs once, its keys/values serve every batch (same numbers).
 
-    python benchmarks/bench_export.py --backbone tiny
-    python benchmarks/bench_export.py --backbone smollm2 --items 0 --batch 32 --dtypes bfloat16 --no-literal
-    python benchmarks/bench_export.py --backbone qwen2.5-0.5b-random --device cuda --items 1024 --batch 64 \
+    python -m benchmarks.bench_export --backbone tiny
+    python -m benchmarks.bench_export --backbone smollm2 --items 0 --batch 32 --dtypes bfloat16 --no-literal
+    python -m benchmarks.bench_export --backbone qwen2.5-0.5b-random --device cuda --items 1024 --batch 64 \
         --prompts synthetic --json out.json
 
 Prompts: MovieLens-100k items (`--prompts ml-100k`, default when available; `--items 0` = all 1,682) or synthetic
@@ -23,8 +23,9 @@ import sys
 import numpy as np
 import torch
 
-from bench_lrcl import cpu_model, ml100k_items, synthetic_items
-from common import build_embedder, machine, peak_memory, print_table, timed
+from benchmarks.bench_lrcl import ml100k_items, synthetic_items
+from benchmarks.common import build_embedder, machine, peak_memory, print_table, timed
+from reaemb_trl.hardware import cpu_model
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from reaemb_trl.export import fast_bf16_available
+    from reaemb_trl.hardware import fast_bf16_available
 
     embedder = build_embedder(args.backbone, args.device).eval()
     items = ml100k_items(args.items) if args.prompts == "ml-100k" else None
@@ -106,7 +107,7 @@ def main() -> None:
             outputs["fast+template, fp32"], outputs["literal, unsorted, fp32"])
 
     shared = embedder.template_length(ids)
-    where = machine() if args.device.startswith("cuda") else f"{cpu_model()}; {machine()}"
+    where = machine() if args.device.startswith("cuda") else f"{cpu_model() or 'unknown CPU'}; {machine()}"
     title = (f"export | {args.backbone} | {prompts} | {len(items)} items, batch {args.batch}, "
              f"{np.mean([len(i) + 2 for i in ids]):.1f} tokens/prompt (max {max(len(i) for i in ids) + 2}), "
              f"template {shared} tokens | {where}")

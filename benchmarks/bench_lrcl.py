@@ -6,9 +6,9 @@
 - `fast+template, lora top k`: LoRA on the top k decoder layers only (`lora_layers`; the layers below keep no
   activations).
 
-    python benchmarks/bench_lrcl.py --backbone tiny
-    python benchmarks/bench_lrcl.py --backbone smollm2 --batch 12 --dtype bfloat16 --lora-layers 8 4
-    python benchmarks/bench_lrcl.py --backbone qwen2.5-0.5b-random --device cuda --batch 64 --dtype bfloat16 \
+    python -m benchmarks.bench_lrcl --backbone tiny
+    python -m benchmarks.bench_lrcl --backbone smollm2 --batch 12 --dtype bfloat16 --lora-layers 8 4
+    python -m benchmarks.bench_lrcl --backbone qwen2.5-0.5b-random --device cuda --batch 64 --dtype bfloat16 \
         --prompts synthetic --tokens 128 --json out.json
 
 Prompts: two attribute-dropout views of real MovieLens-100k items (`--prompts ml-100k`, the default when the
@@ -28,20 +28,11 @@ import sys
 import numpy as np
 import torch
 
-from common import bf16_peak_tflops, build_embedder, machine, peak_memory, print_table, timed
+from benchmarks.common import bf16_peak_tflops, build_embedder, machine, peak_memory, print_table, timed
+from reaemb_trl.hardware import cpu_model
 
 WORDS = ("drama comedy action thriller romance war western crime family music night city river story love "
          "house return dark star game man woman secret last first world summer winter king island road").split()
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def ml100k_items(count: int) -> list | None:
@@ -106,7 +97,7 @@ def main() -> None:
 
     from peft import LoraConfig
 
-    from reaemb_trl.losses import contrastive_loss
+    from reaemb_trl.lrcl_loss import contrastive_loss
     from reaemb_trl.lrcl_trainer import draw_views
     from reaemb_trl.prompt import normalise_attributes
 
@@ -181,7 +172,7 @@ def main() -> None:
             run_tokens = 2 * args.batch * tokens - (2 * args.batch - 1) * shared * share
             row["mfu"] = round(6 * n_params * run_tokens / seconds / (peak_tflops * 1e12), 4)
         rows.append(row)
-    where = machine() if args.device.startswith("cuda") else f"{cpu_model()}; {machine()}"
+    where = machine() if args.device.startswith("cuda") else f"{cpu_model() or 'unknown CPU'}; {machine()}"
     title = (f"LRCL step | {args.backbone} | {prompts} | {args.batch} items x 2 views, {tokens:.1f} tokens/prompt, "
              f"template {shared} tokens | autocast {args.dtype}, weights {args.model_dtype} | {where}")
     print(title)

@@ -1,8 +1,9 @@
 """GPU acceptance run: the paper-shaped benchmarks and the recipes under the shipped accelerate configs, one command.
 
     bash benchmarks/gpu_check.sh OUT                      # on the GPU machine: installs the carried wheels first
-    python benchmarks/gpu_check.py --output OUT           # a GPU with the packages installed
-    python benchmarks/gpu_check.py --tiny --output OUT    # CPU, tiny model, about a minute (tests/test_gpu_check.py)
+    python -m benchmarks.gpu_check --output OUT           # a GPU with the packages installed
+    python -m benchmarks.gpu_check --tiny --output OUT    # CPU, tiny model, about a minute (tests/test_gpu_check.py)
+(from the repository root, as every script in benchmarks/).
 
 Sections, each recorded (numbers, or the error) as soon as it ends, so a run cut short still leaves a summary:
   env            versions, card, its dense bf16 peak
@@ -37,11 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.gpu_check_report import evaluate_targets, write_summary
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
-
-from gpu_check_report import evaluate_targets, write_summary  # noqa: E402
 
 WORDS = ("drama comedy action thriller romance war western crime family music night city river story love house "
          "return dark star game man woman secret last first world summer winter king island road garden storm "
@@ -99,7 +99,7 @@ def make_backbone(folder: Path, run: Run) -> dict:
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from common import qwen2_5_0_5b_config
+    from benchmarks.common import qwen2_5_0_5b_config
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -118,7 +118,7 @@ def environment() -> dict:
 
     import torch
 
-    from common import bf16_peak_tflops, machine
+    from benchmarks.common import bf16_peak_tflops, machine
 
     versions = {}
     for name in ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "safetensors"):
@@ -137,22 +137,22 @@ def environment() -> dict:
 
 # ---- benchmarks, in this process (one CUDA start for all) ---------------------------------------------------------
 def run_bench(script: str, arguments: list[str], work: Path) -> dict:
-    """Run benchmarks/<script> as __main__ with `arguments`; its rows from --json when it has the option, else
+    """Run benchmarks.<script> as __main__ with `arguments`; its rows from --json when it has the option, else
     parsed from the table it prints."""
-    from common import parse_table
+    from benchmarks.common import parse_table
 
-    source = (BENCH / script).read_text()
+    source = (BENCH / f"{script}.py").read_text()
     arguments = known_options(arguments, source)
     json_path = work / f"{script}.json"
     if '"--json"' in source:
         arguments = arguments + ["--json", str(json_path)]
     printed = io.StringIO()
     argv = sys.argv
-    sys.argv = [str(BENCH / script), *arguments]
+    sys.argv = [str(BENCH / f"{script}.py"), *arguments]
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(Tee(printed, sys.stdout)):
-            runpy.run_path(str(BENCH / script), run_name="__main__")
+            runpy.run_module(f"benchmarks.{script}", run_name="__main__")
     finally:
         sys.argv = argv
         gc.collect()
@@ -160,7 +160,7 @@ def run_bench(script: str, arguments: list[str], work: Path) -> dict:
             import torch
 
             torch.cuda.empty_cache()
-    result = {"command": " ".join(["python", f"benchmarks/{script}", *arguments]),
+    result = {"command": " ".join(["python", "-m", f"benchmarks.{script}", *arguments]),
               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     if json_path.exists():
         report = json.loads(json_path.read_text())
@@ -224,9 +224,9 @@ def bench_sections(run: Run, work: Path) -> list[tuple[str, object]]:
                 "--candidates", "10", "--repeats", "2"]  # fmt: skip
         export = ["--backbone", "qwen2.5-0.5b-random", "--items", "512", "--batch", "64", "--tokens", "128"]
     return [
-        ("lrcl_bench", lambda: run_bench("bench_lrcl.py", lrcl + common + ["--lora-layers"], work)),
-        ("crrl_bench", lambda: run_bench("bench_crrl.py", crrl + ["--device", run.device], work)),
-        ("export_bench", lambda: run_bench("bench_export.py", export + common, work)),
+        ("lrcl_bench", lambda: run_bench("bench_lrcl", lrcl + common + ["--lora-layers"], work)),
+        ("crrl_bench", lambda: run_bench("bench_crrl", crrl + ["--device", run.device], work)),
+        ("export_bench", lambda: run_bench("bench_export", export + common, work)),
     ]
 
 
@@ -241,7 +241,7 @@ def launch_command(run: Run, config: str, recipe: str, recipe_args: list[str]) -
         # crrl_paper.yaml: LLM frozen in bf16 (model_dtype), trainer in fp32 (bf16: false). The configs' bf16 would
         # contradict it, which the DeepSpeed integration refuses ("ds bf16.enabled=True vs hf bf16=False").
         topology += ["--mixed_precision", "no"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *topology, str(BENCH / "recipe_probe.py"), recipe,
+    return [sys.executable, "-m", "accelerate.commands.launch", *topology, "-m", "benchmarks.recipe_probe", recipe,
             *recipe_args]  # fmt: skip
 
 
@@ -316,9 +316,9 @@ def finish_launch(job: dict, work: Path, timeout: float) -> dict:
 
 
 def export_job(run: Run, data: Path, work: Path) -> dict:
-    command = [sys.executable, "-m", "reaemb_trl.export_cli", "--checkpoint", str(work / "lrcl_single"), "--data",
+    command = [sys.executable, "-m", "reaemb_trl.cli", "export", "--checkpoint", str(work / "lrcl_single"), "--data",
                str(data), "--output", str(work / "table.safetensors"), "--device", run.device, "--batch-size", "64"]
-    return spawn("export", command, child_env(run), work, "one process", " ".join(["reaemb export", *command[3:]]))
+    return spawn("export", command, child_env(run), work, "one process", " ".join(["reaemb", *command[3:]]))
 
 
 def finish_export(job: dict, work: Path, timeout: float, items: int) -> dict:

@@ -30,7 +30,7 @@ pip never pulls a CUDA build; on a machine without a local CPU wheel add
 setuptools, which is harmless here). Then, from the repo root in OUR venv::
 
     . .venv/bin/activate
-    nice -n 10 python benchmarks/recbole_crosscheck.py --recbole-python "$RECBOLE_VENV"/bin/python --threads 1
+    nice -n 10 python -m benchmarks.recbole_crosscheck --recbole-python "$RECBOLE_VENV"/bin/python --threads 1
 
 Cost on the 2-core development machine (shared, one thread per run): RecBole re-encodes every prefix of every
 user, ~150 CPU-seconds per epoch and ~85 minutes per seed; ours ~4 CPU-seconds per epoch and ~5 minutes per

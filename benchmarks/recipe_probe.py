@@ -1,6 +1,6 @@
 """Run `recipes/lrcl.py` or `recipes/crrl.py` unchanged under `accelerate launch` and record what it trained.
 
-    accelerate launch [--config_file accelerate_configs/...] benchmarks/recipe_probe.py lrcl --config ... [overrides]
+    accelerate launch [--config_file accelerate_configs/...] -m benchmarks.recipe_probe lrcl --config ... [overrides]
 
 `PROBE_DIR` (environment) names the folder for `report.json`. The probe wraps `Trainer.train` (trainable tensors
 before, wall time) and the recipes' `finish_training()`: before the recipe saves, it records the losses, how the
@@ -132,7 +132,7 @@ def _reload_check(folder, live: dict, vectors, device) -> dict:
 def main() -> None:
     recipe = sys.argv[1]
     if recipe not in ("lrcl", "crrl"):
-        raise SystemExit("usage: recipe_probe.py lrcl|crrl [recipe arguments]")
+        raise SystemExit("usage: accelerate launch ... -m benchmarks.recipe_probe lrcl|crrl [recipe arguments]")
     probe_dir = Path(os.environ.get("PROBE_DIR", "."))
     probe_dir.mkdir(parents=True, exist_ok=True)
     from transformers import Trainer

@@ -2,8 +2,8 @@
 
     python examples/custom_reward.py                    # tiny assets, CPU, ~10 s
 
-A reward is a plain function called with keyword arguments (see `reaemb_trl.rewards` for the full list) that
-returns one float or None per row. From YAML or the command line, name it by dotted path instead of passing the
+A reward is a plain function called with keyword arguments (the fields of `reaemb_trl.rewards.RewardInputs` plus
+the dataset's columns) that returns one finite float or None per row (an inf or nan is an error). From YAML or the command line, name it by dotted path instead of passing the
 callable, with this folder on PYTHONPATH:
 
     PYTHONPATH=examples accelerate launch recipes/crrl.py --config recipes/configs/crrl_tiny.yaml \

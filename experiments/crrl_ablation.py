@@ -1,8 +1,8 @@
 """CRRL ablation on MovieLens-100k: from one LRCL checkpoint, change one thing at a time from the paper's CRRL and
 measure it on items CRRL never trains on (the frozen yardstick, reaemb_trl.crrl_yardstick). The test split is never read.
 
-    python experiments/crrl_ablation.py --lrcl runs/ablation-lrcl/base/lrcl --output runs/ablation-crrl
-    python experiments/crrl_ablation.py --lrcl ... --output ... --rows paper recommended --seeds 0 1 2
+    python -m experiments.crrl_ablation --lrcl runs/ablation-lrcl/base/lrcl --output runs/ablation-crrl
+    python -m experiments.crrl_ablation --lrcl ... --output ... --rows paper recommended --seeds 0 1 2
 
 Every row runs the same number of optimizer steps (`--steps`) on the same training items (80%: the quickstart's
 held-out 20% never train) and reports, from the row's own evaluation before and after training:
@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline import base_settings, fmt, load_data, run_crrl, write_json  # noqa: E402
+from experiments.pipeline import base_settings, fmt, load_data, run_crrl, write_json
 
 # The paper's CRRL (CRRLConfig defaults) on the quickstart's item budget, plus the held-out items.
 PAPER = dict(noise_scale=0.1, noise_scale_mode="absolute", learning_rate=1e-4, reward_funcs=["rank"],

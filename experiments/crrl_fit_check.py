@@ -5,7 +5,7 @@ two item sets, before (the LRCL thought module) and after (the CRRL one): the he
 (every other item with a positive; a run of S steps x k items rolls out S*k of them). One prefix pass serves both
 thought modules (CRRL leaves the LLM as LRCL trained it).
 
-    python experiments/crrl_fit_check.py --lrcl runs/ablation-crrl/recommended-seed42/lrcl \
+    python -m experiments.crrl_fit_check --lrcl runs/ablation-crrl/recommended-seed42/lrcl \
         --crrl runs/ablation-crrl/recommended-seed42/crrl --output runs/ablation-crrl/recommended-fit.json
 
 If the training items gain and the held-out items do not, CRRL learns but does not generalise; if neither gains,
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline import HELD_OUT_FRACTION, base_settings, load_data, write_json  # noqa: E402
+from experiments.pipeline import HELD_OUT_FRACTION, base_settings, load_data, write_json
 
 KEYS = ("anchor_normalized_centered_cosine", "anchor_normalized_cosine", "anchor_count_centered_cosine",
         "anchor_count_dot")
@@ -34,7 +31,7 @@ def main() -> None:
     from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.evaluation.significance import wilcoxon_signed_rank
-    from reaemb_trl.provenance import fast_bf16_available
+    from reaemb_trl.hardware import fast_bf16_available
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrcl", required=True, type=Path, help="the LRCL checkpoint CRRL started from")
@@ -45,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_data(base_settings(args.data_cache))
-    ids = [r["item_id"] for r in data.rows]
+    ids = data.item_ids
     held = held_out_items(ids, HELD_OUT_FRACTION)
     trained = sorted(set(ids) - set(held))
     embedder = ThoughtEmbedder.from_pretrained(args.crrl).eval()
@@ -53,7 +50,7 @@ def main() -> None:
         raise SystemExit(f"{args.crrl} and {args.lrcl} carry different LoRA weights: not a CRRL run from that LRCL")
     dtype = torch.bfloat16 if fast_bf16_available(embedder.device) else None
     tables = embedder.encode_with_thought_modules(
-        [r["attributes"] for r in data.rows],
+        [r["attributes"] for r in data.items],
         {"lrcl": embedder.thought_module_from(args.lrcl), "crrl": embedder.thought_module}, progress=True, dtype=dtype)
     result = {"lrcl": str(args.lrcl), "crrl": str(args.crrl)}
     for label, items in (("held_out", held), ("trained", trained)):

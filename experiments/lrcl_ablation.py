@@ -1,10 +1,10 @@
 """LRCL ablation on MovieLens-100k (SmolLM2-135M): one change at a time from the paper's objective, judged on the
 validation split and the held-out items only (the test split is never read here).
 
-    python experiments/lrcl_ablation.py --output runs/ablation-lrcl                # every row, 1 seed
-    python experiments/lrcl_ablation.py --output runs/ablation-lrcl --rows base item_mean --seeds 3
+    python -m experiments.lrcl_ablation --output runs/ablation-lrcl                # every row, 1 seed
+    python -m experiments.lrcl_ablation --output runs/ablation-lrcl --rows base item_mean --seeds 3
 
-Each row trains LRCL for the quickstart's budget (recipes/configs/quickstart.yaml: one epoch over the catalogue),
+Each row trains LRCL for the quickstart's budget (reaemb_trl/configs/quickstart.yaml: one epoch over the catalogue),
 exports its table and reports:
 - the frozen CRRL yardstick (reaemb_trl.crrl_yardstick) on the quickstart's held-out items: validation pairs (does the
   user's last training item rank the validation item first among 100?) and the anchor reward with the
@@ -18,12 +18,9 @@ The markdown table goes to OUTPUT/ablation_lrcl.md (docs/ablations.md quotes it)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline import (  # noqa: E402
+from experiments.pipeline import (
     base_settings, downstream, fmt, load_data, run_lrcl, table_of, validation_score, write_json, yardstick_for,
     yardstick_scores,
 )

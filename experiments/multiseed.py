@@ -2,8 +2,8 @@
 each seed's tables and evaluate them downstream, so claims rest on the variance of the whole pipeline, not only
 on the downstream model's seeds.
 
-    python experiments/multiseed.py --output runs/multiseed                  # ~3 quickstarts of CPU time
-    python experiments/multiseed.py --output runs/multiseed --seeds 0 1 2 --downstream-seeds 3
+    python -m experiments.multiseed --output runs/multiseed                  # ~3 quickstarts of CPU time
+    python -m experiments.multiseed --output runs/multiseed --seeds 0 1 2 --downstream-seeds 3
 
 For every pipeline seed s the tables raw, lrcl-s and crrl-s (frozen and hybrid) are evaluated with the quickstart's
 protocol over `--downstream-seeds` downstream seeds; the paired tests (Wilcoxon + Holm over users) compare
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pipeline import base_settings, downstream, fmt, load_data, run_crrl, run_lrcl, table_of, write_json  # noqa: E402
+from experiments.pipeline import base_settings, downstream, fmt, load_data, run_crrl, run_lrcl, table_of, write_json
 
 GROUPS = ("all", "tail_item", "head_item")
 

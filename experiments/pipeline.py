@@ -8,24 +8,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from reaemb_trl.builders import DataArguments, LoadedDataset
+from reaemb_trl.data import RecDataset
 from reaemb_trl.quickstart import SETTINGS_FILE, QuickstartSettings, fetch_data, train_crrl, train_lrcl
 
 HELD_OUT_FRACTION = 0.2  # the same held-out items as CRRL's eval_item_fraction in the quickstart
 
 
 def base_settings(output: Path, seed: int = 42) -> QuickstartSettings:
-    """The quickstart's settings (recipes/configs/quickstart.yaml) with another output folder and seed."""
-    return replace(QuickstartSettings.from_yaml(SETTINGS_FILE), output=Path(output), seed=seed)
+    """The quickstart's settings (reaemb_trl/configs/quickstart.yaml) with another output folder and seed, and no
+    cold items: the ablations in docs/ablations.md were measured with every item warm (their `downstream()` trains
+    on every item's interactions), so the LLM stages must see them all too."""
+    return replace(QuickstartSettings.from_yaml(SETTINGS_FILE), output=Path(output), seed=seed, cold_items=0.0)
 
 
-def load_data(settings: QuickstartSettings) -> LoadedDataset:
+def load_data(settings: QuickstartSettings) -> RecDataset:
     if not (settings.output / "data" / "items.jsonl").exists():
         settings.output.mkdir(parents=True, exist_ok=True)
         fetch_data(settings)
-    return LoadedDataset.load(DataArguments(dataset=str(settings.output / "data")), with_sequences=True)
+    return RecDataset.load(settings.output / "data")
 
 
 def timed(fn, *args) -> tuple[object, float]:
@@ -34,7 +34,7 @@ def timed(fn, *args) -> tuple[object, float]:
     return out, round(time.time() - start, 1)
 
 
-def run_lrcl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
+def run_lrcl(settings: QuickstartSettings, data: RecDataset) -> dict:
     """Train LRCL unless its checkpoint exists; returns the stage info (steps, losses, seconds)."""
     marker = settings.output / "lrcl.json"
     if marker.exists():
@@ -45,7 +45,7 @@ def run_lrcl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
     return info
 
 
-def run_crrl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
+def run_crrl(settings: QuickstartSettings, data: RecDataset) -> dict:
     marker = settings.output / "crrl.json"
     if marker.exists():
         return json.loads(marker.read_text())
@@ -55,7 +55,7 @@ def run_crrl(settings: QuickstartSettings, data: LoadedDataset) -> dict:
     return info
 
 
-def table_of(checkpoint: Path, data: LoadedDataset, path: Path, settings: QuickstartSettings,
+def table_of(checkpoint: Path, data: RecDataset, path: Path, settings: QuickstartSettings,
              without_thought: bool = False, backbone: str | None = None) -> Path:
     """Export the table of a checkpoint (or of the bare backbone with the checkpoint's prompt and pooling,
     `without_thought=True`) unless it exists."""
@@ -72,15 +72,15 @@ def table_of(checkpoint: Path, data: LoadedDataset, path: Path, settings: Quicks
         embedder = ThoughtEmbedder.from_backbone(backbone or settings.backbone, formatter=like.formatter,
                                                  pooling=like.pooling).to(settings.device)
         source = backbone or settings.backbone
-    export_table(embedder, data.rows, path, source=source, without_thought=without_thought,
+    export_table(embedder, data.items, path, source=source, without_thought=without_thought,
                  batch_size=settings.export_batch, progress=False)
     return path
 
 
-def yardstick_for(data: LoadedDataset):
+def yardstick_for(data: RecDataset):
     from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
 
-    ids = [r["item_id"] for r in data.rows]
+    ids = data.item_ids
     return CRRLYardstick(data.sequences, ids, held_out_items(ids, HELD_OUT_FRACTION))
 
 
@@ -91,17 +91,17 @@ def yardstick_scores(table_path: Path, yardstick) -> dict:
     return yardstick.score(table.embeddings, table.item_ids)
 
 
-def downstream(table_paths: dict[str, Path], data: LoadedDataset, settings: QuickstartSettings, seeds=1,
+def downstream(table_paths: dict[str, Path], data: RecDataset, settings: QuickstartSettings, seeds=1,
                modes=("frozen",), compare=(), baseline_pairs: bool = True, workers: int = 2) -> dict:
     """compare_tables over MostPop, ids and the given tables with the quickstart's evaluation settings."""
-    from reaemb_trl.evaluation.runner import EvalConfig, TableSpec, compare_tables
+    from reaemb_trl.evaluation import EvalConfig, TableSpec, compare_tables
 
     specs = [TableSpec("mostpop", "mostpop"), TableSpec("id", "id")]
     for mode in modes:
         suffix = "" if mode == "frozen" else f"@{mode}"
         specs += [TableSpec(name + suffix, str(path), mode) for name, path in table_paths.items()]
     config = EvalConfig(**{"device": settings.device, **settings.evaluation})
-    return compare_tables(data.rec_dataset(), specs, seeds, config, progress=False, compare=list(compare),
+    return compare_tables(data, specs, seeds, config, progress=False, compare=list(compare),
                           baseline_pairs=baseline_pairs, workers=workers)
 
 
@@ -125,4 +125,4 @@ def write_json(path: Path, payload) -> None:
 
 
 __all__ = ["HELD_OUT_FRACTION", "base_settings", "downstream", "fmt", "load_data", "run_crrl", "run_lrcl",
-           "table_of", "torch", "write_json", "yardstick_for", "yardstick_scores"]
+           "table_of", "validation_score", "write_json", "yardstick_for", "yardstick_scores"]

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from reaemb_trl.model_args import ModelArguments
-
-SIMILARITIES = ("dot", "cosine", "centered_cosine")
+from reaemb_trl.rewards import resolve_reward
+from reaemb_trl.similarity import SIMILARITIES
 BASELINES = ("group", "anchor", "noisy")
 NOISE_SCALE_MODES = ("absolute", "relative")
 THOUGHT_TRAINABLE = ("all", "value")
@@ -190,8 +190,11 @@ class CRRLConfig(ModelArguments, GRPOConfig):
     loss_type: str = field(
         default="grpo", metadata={"help": f"Policy loss aggregation, one of {LOSS_TYPES} (one action per row)."}
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Off: the LLM is frozen and the fast path needs its key/value cache."}
+    # TRL defaults this deprecated alias of `activation_checkpointing` to True, which makes transformers warn on
+    # every config; None leaves activation checkpointing off (the LLM is frozen, the fast path needs its cache).
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (off by default: the LLM is "
+                                "frozen and the fast path needs its key/value cache)."}
     )
     bf16: bool | None = field(
         default=False, metadata={"help": "Mixed precision for the trainer; the policy maths always runs in float32."}
@@ -254,6 +257,11 @@ class CRRLConfig(ModelArguments, GRPOConfig):
             self.reward_funcs = [self.reward_funcs]
         if not self.reward_funcs:
             raise ValueError("CRRLConfig.reward_funcs needs at least one reward function")
+        for spec in self.reward_funcs:  # a bad name fails here, before any model loads
+            try:
+                resolve_reward(spec)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"CRRLConfig.reward_funcs: {exc}") from None
         if self.reward_temperature <= 0:
             raise ValueError(f"CRRLConfig.reward_temperature must be > 0, got {self.reward_temperature}")
         if self.beta < 0:
@@ -264,8 +272,9 @@ class CRRLConfig(ModelArguments, GRPOConfig):
             raise ValueError(f"CRRLConfig.embed_batch_size must be >= 1, got {self.embed_batch_size}")
         if self.use_vllm:
             raise ValueError("CRRL generates latent actions, not text: use_vllm is not supported")
-        if self.gradient_checkpointing and not self.train_lora:
-            raise ValueError("gradient_checkpointing is useless with a frozen LLM and disables the fast path; turn it off")
+        if self.activation_checkpointing and not self.train_lora:
+            raise ValueError("CRRLConfig.activation_checkpointing (gradient_checkpointing) is useless with a frozen LLM "
+                             "and disables the fast path; turn it off")
         # A checkpoint inside a rollout cycle cannot resume exactly: the buffered rollout is not saved with it.
         rollout_steps = self.steps_per_generation * self.num_iterations / self.gradient_accumulation_steps
         if (

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
-from reaemb_trl.rewards import resolve_reward, similarity_matrix
+from reaemb_trl.rewards import rank_reward
+from reaemb_trl.similarity import SIMILARITIES, similarity_matrix
 
 YARDSTICK_CANDIDATES = 10
 YARDSTICK_PAIR_NEGATIVES = 99
 YARDSTICK_SEED = 0
-SIMILARITIES = ("dot", "cosine", "centered_cosine")
 
 
 def held_out_items(item_ids: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
@@ -93,14 +93,6 @@ class CRRLYardstick:
             candidates.append([seq[-2]] + negatives)
         return PairTask(anchors, candidates)
 
-    def needed_items(self) -> list[str]:
-        """Every item whose embedding the yardstick reads."""
-        needed = dict.fromkeys(i for t in self.anchor_tasks.values() for i in t.item_ids)
-        needed.update(dict.fromkeys(c for t in self.anchor_tasks.values() for row in t.candidate_ids for c in row))
-        needed.update(dict.fromkeys(self.pairs.anchor_ids))
-        needed.update(dict.fromkeys(c for row in self.pairs.candidate_ids for c in row))
-        return list(needed)
-
     def score(self, table: torch.Tensor, table_ids: Sequence[str], center: torch.Tensor | None = None) -> dict:
         """Mean rank rewards of a table (rows = `table_ids`; `center` the mean row used by centred cosine,
         default the table's own mean). Keys: `anchor_<positive>_<similarity>` and `pairs_<similarity>`."""
@@ -128,8 +120,6 @@ class CRRLYardstick:
         """Per item: the anchor rank reward behind `score`'s `anchor_<positive>_<similarity>` (for paired tests)."""
         if positive not in self.anchor_tasks:
             raise ValueError(f"positive must be one of {list(self.anchor_tasks)}, got {positive!r}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         task = self.anchor_tasks[positive]
         table, row, center = _prepared(table, table_ids, center)
         values = _rank_rewards(table, row, task.item_ids, task.candidate_ids, torch.as_tensor(task.positive_weights),
@@ -147,42 +137,9 @@ def _prepared(table: torch.Tensor, table_ids: Sequence[str], center: torch.Tenso
 def _rank_rewards(table, row, item_ids, candidate_ids, weights, kind, center) -> list[float | None]:
     items = table[torch.tensor([row[i] for i in item_ids])]
     cands = table[torch.tensor([[row[c] for c in r] for r in candidate_ids])]
-    if kind == "centered_cosine":
-        items, cands, kind = items - center, cands - center, "cosine"
-    return resolve_reward("rank")(similarities=similarity_matrix(items, cands, kind), positive_mask=weights > 0)
+    return rank_reward(similarities=similarity_matrix(items, cands, kind, center), positive_mask=weights > 0)
 
 
 def _mean_rank_reward(table, row, item_ids, candidate_ids, weights, kind, center) -> float:
     scored = [v for v in _rank_rewards(table, row, item_ids, candidate_ids, weights, kind, center) if v is not None]
     return float(sum(scored) / len(scored))
-
-
-def anchor_reward_from_table(
-    table: torch.Tensor,
-    table_ids: Sequence[str],
-    candidates: CooccurrenceCandidates,
-    item_ids: Sequence[str],
-    reward: str = "rank",
-    similarity: str = "dot",
-) -> float:
-    """Mean `reward` over `item_ids`, scoring each item against its epoch-0 candidates from `candidates` (a training
-    candidate index, not the frozen yardstick) with rows of `table`."""
-    cand_ids, weights = candidates.candidates(list(item_ids), epoch=0)
-    row = {item: n for n, item in enumerate(table_ids)}
-    items = table[torch.tensor([row[i] for i in item_ids])].float()
-    cands = table[torch.tensor([[row[c] for c in r] for r in cand_ids])].float()
-    if similarity == "centered_cosine":
-        center = table.float().mean(0)
-        items, cands, similarity = items - center, cands - center, "cosine"
-    weights = torch.as_tensor(weights)
-    values = resolve_reward(reward)(
-        similarities=similarity_matrix(items, cands, similarity),
-        positive_mask=weights > 0,
-        positive_weights=weights,
-        item_ids=list(item_ids),
-        candidate_ids=cand_ids,
-    )
-    scored = [v for v in values if v is not None]
-    if not scored:
-        raise ValueError("no item has a co-occurring positive: nothing to score")
-    return sum(scored) / len(scored)

@@ -1,10 +1,11 @@
 """Export an item-embedding table (docs/method.md, "Export"): encode every item once and write it with ids and
 metadata.
 
-The file format (reading, writing, metadata, PCA, alignment by id) lives in `reaemb_trl.item_table`.
+The file format (reading, writing, metadata, PCA, alignment by id) lives in `reaemb_trl.item_table`; the checks of
+what an export is given, in `reaemb_trl.export_inputs`.
 
-Several processes (`reaemb export --num-processes N`, or `accelerate launch -m reaemb_trl.export_cli ...`, or any
-caller inside an initialised `torch.distributed` group) share one export: the items, in the 1-process order (by
+Several processes (`reaemb export --num-processes N`, or `accelerate launch -m reaemb_trl.cli export ...`, or
+any caller inside an initialised `torch.distributed` group) share one export: the items, in the 1-process order (by
 token length), are cut into the 1-process batches and batch j goes to process j mod N, so every vector is computed
 in exactly the batch it would be in alone (the same bits, given the same kernels). Each process writes its part
 atomically to `<output>.parts/part-<rank>-of-<N>.safetensors` with its item ids and the fingerprint of the job
@@ -29,43 +30,26 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from reaemb_trl.item_table import (  # noqa: F401 (write_table, pca_fit, table_metadata re-exported)
-    ItemTable,
+from reaemb_trl.distributed import barrier, process_group
+from reaemb_trl.export_inputs import ExportError, check_checkpoint, check_pca, check_same_model
+from reaemb_trl.hardware import fast_bf16_available
+from reaemb_trl.item_table import (
     TableError,
     checkpoint_fingerprint,
     dtype_name,
     embedder_fingerprint,
     new_table,
-    pca_fit,
     read_safetensors,
     read_table,
     table_metadata,
     write_safetensors,
-    write_table,
 )
 
 # An encoder of a list of item attributes: (attributes, sort_by_length, progress) -> {table name: (M, D) float32}.
 EncodeFn = Callable[[list, bool, bool], dict[str, torch.Tensor]]
 
 
-class ExportError(ValueError):
-    """An export or encode cannot run as asked (bad checkpoint, mismatched model, ...); the message says what to do."""
-
-
 # ---- dtype -------------------------------------------------------------------------------------------------------
-def fast_bf16_available(device: torch.device) -> bool:
-    """bf16 matmuls are fast on CUDA cards that support them and on CPUs with AMX or AVX512-BF16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    return False
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """`auto` -> bf16 where the hardware runs it fast, else fp32; `float32`/`bfloat16`/`float16` as named."""
     if name == "auto":
@@ -76,29 +60,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if name in ("float16", "fp16"):
         return torch.float16
-    raise ValueError(f"dtype must be auto, float32, bfloat16 or float16; got {name!r}")
-
-
-def write_embedding_table(
-    path: str | os.PathLike, table: torch.Tensor, item_ids: Sequence[str], metadata: dict, pca: int | None = None
-) -> Path:
-    """Write a table, optionally reduced to `pca` dimensions (the projection and mean are stored with it)."""
-    return new_table(table, item_ids, metadata, pca).write(path)
+    raise ExportError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
 
 
 # ---- processes and parts -----------------------------------------------------------------------------------------
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if process_group()[1] > 1:
-        torch.distributed.barrier()
-
-
 def _log(message: str) -> None:
     print(f"[reaemb] {message}", file=sys.stderr, flush=True)
 
@@ -223,7 +188,7 @@ def encode_catalogue(
     if world == 1:
         return encode([item["attributes"] for item in items], True, progress)
     encode_part(embedder, items, encode, output=output, job=job, rank=rank, progress=progress and rank == 0)
-    _barrier()
+    barrier()
     return merge_parts(output, items, job) if rank == 0 else None
 
 
@@ -240,16 +205,8 @@ def _write_tables(
         for name, (path, metadata) in outputs.items():
             new_table(raw[name], item_ids, metadata, pca).write(path)
         shutil.rmtree(parts_dir(next(iter(paths.values()))), ignore_errors=True)
-    _barrier()
+    barrier()
     return paths
-
-
-def check_pca(pca: int | None, num_items: int, dimension: int) -> None:
-    """Fail before encoding (and before launching processes), not after."""
-    if pca is not None and not 0 < pca <= min(num_items, dimension):
-        raise ExportError(
-            f"--pca {pca} must be between 1 and min(number of items, embedding size) = {min(num_items, dimension)}"
-        )
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
@@ -272,26 +229,6 @@ def table_export_job(
     """The job `export_table` runs with these settings in a group of `world_size` processes."""
     fingerprint = embedder_fingerprint(embedder, None if without_thought else embedder.thought_module)
     return ExportJob((("table", fingerprint),), catalogue_digest(items), dtype_name(dtype), batch_size, world_size)
-
-
-def export_part(
-    embedder,
-    items: Sequence[Mapping[str, Any]],
-    output: str | os.PathLike,
-    *,
-    rank: int,
-    world_size: int,
-    without_thought: bool = False,
-    batch_size: int = 64,
-    dtype: str = "auto",
-    progress: bool = True,
-) -> Path:
-    """Process `rank`'s part of `export_table(..., output)` run by `world_size` processes (reused if finished)."""
-    compute_dtype = resolve_dtype(dtype, embedder.device)
-    job = table_export_job(embedder, items, without_thought=without_thought, batch_size=batch_size,
-                           dtype=compute_dtype, world_size=world_size)  # fmt: skip
-    encode = table_encoder(embedder, without_thought=without_thought, batch_size=batch_size, dtype=compute_dtype)
-    return encode_part(embedder, items, encode, output=output, job=job, rank=rank, progress=progress)
 
 
 def export_table(
@@ -377,54 +314,6 @@ def export_thought_variants(
 
 
 # ---- new items into an existing table ----------------------------------------------------------------------------
-def check_checkpoint(folder: str | os.PathLike) -> Path:
-    """`folder` as a Path when it is a complete reaemb-trl checkpoint; ExportError saying what to do otherwise."""
-    from reaemb_trl.embedder import CONFIG_FILE, THOUGHT_FILE
-
-    folder = Path(folder)
-    train = "train one with `accelerate launch recipes/lrcl.py --config recipes/configs/lrcl_tiny.yaml`"
-    if not folder.exists():
-        raise ExportError(f"{folder} does not exist: pass a checkpoint folder ({train}) or --backbone")
-    if not (folder / CONFIG_FILE).is_file():
-        raise ExportError(f"{folder} is not a reaemb-trl checkpoint (no {CONFIG_FILE}): {train} or pass --backbone")
-    try:
-        json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{folder / CONFIG_FILE} is not readable JSON ({exc}): save the checkpoint again") from None
-    if not (folder / THOUGHT_FILE).is_file():
-        raise ExportError(f"{folder} is an incomplete checkpoint (no {THOUGHT_FILE}): save or train it again")
-    return folder
-
-
-def check_same_model(table: ItemTable, fingerprint: str, prompt_format: Mapping[str, Any], model: str) -> None:
-    """Refuse to add rows to `table` from a model other than the one that made it."""
-    recorded = table.metadata.get("fingerprint")
-    if not recorded:
-        raise ExportError(
-            f"{table.path} records no model fingerprint (written by an older reaemb-trl), so new rows cannot be "
-            "checked against it: re-export the whole catalogue with `reaemb export`"
-        )
-    table_format = table.metadata.get("prompt_format") or {}
-    differing = sorted(k for k in set(table_format) | set(prompt_format) if table_format.get(k) != prompt_format.get(k))
-    if differing:
-        raise ExportError(
-            f"{table.path} was made with prompt format {{{_fields(table_format, differing)}}} but {model} uses "
-            f"{{{_fields(prompt_format, differing)}}}: encode with the model and prompt format that made the table, "
-            "or re-export the whole catalogue with `reaemb export`"
-        )
-    if recorded != fingerprint:
-        made_by = table.metadata.get("source") or "another model"
-        raise ExportError(
-            f"{table.path} was made by {made_by} (fingerprint {recorded}) but {model} has fingerprint {fingerprint}: "
-            "its vectors would not match the table's rows. Encode with the checkpoint that made the table, or "
-            "re-export the whole catalogue with `reaemb export`"
-        )
-
-
-def _fields(values: Mapping[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(f"{k}: {values.get(k)!r}" for k in keys)
-
-
 def encode_new_items(
     checkpoint_or_embedder,
     items: Sequence[Mapping[str, Any]],

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from reaemb_trl.atomic import write_atomic
 
 FORMAT = "reaemb-trl/table-2"  # table-1 files (no fingerprint, no dtype) are read too
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -197,20 +198,12 @@ def write_table(
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """save_file into a temporary file in the target folder, then os.replace: never a half-written file."""
+    """save_file through the project's own temporary file in the target folder (`reaemb_trl.atomic`): never a
+    half-written table, and no temporary file left by an interrupted write."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -337,7 +330,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike, *, without_thought: bool =
     token)."""
     from safetensors.torch import load_file
 
-    from reaemb_trl.embedder import ADAPTER_DIR, CONFIG_FILE, THOUGHT_FILE
+    from reaemb_trl.checkpointing import ADAPTER_DIR, CONFIG_FILE, THOUGHT_FILE
     from reaemb_trl.prompt import ItemPromptFormatter
 
     folder = Path(folder)

@@ -6,24 +6,26 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
-from reaemb_trl.checkpointing import EmbedderCheckpointMixin
-from reaemb_trl.embedder import ThoughtEmbedder, save_wrapped_embedder
+from reaemb_trl.checkpointing import (
+    EmbedderCheckpointMixin,
+    load_temperature,
+    save_temperature,
+    save_wrapped_embedder,
+)
+from reaemb_trl.decoder_io import base_model_of
+from reaemb_trl.embedder import ThoughtEmbedder
 from reaemb_trl.hub import HubPushMixin
-from reaemb_trl.losses import contrastive_loss, gather_objects, gather_with_grad
 from reaemb_trl.lrcl_config import LRCLConfig
+from reaemb_trl.lrcl_loss import contrastive_loss, gather_objects, gather_with_grad
 from reaemb_trl.prompt import normalise_attributes
-
-TEMPERATURE_FILE = "lrcl_temperature.safetensors"
 
 
 def draw_views(attributes: Sequence[tuple[str, str]], drop_ratio: float, rng: np.random.Generator):
@@ -74,17 +76,26 @@ def lora_config(args: LRCLConfig, model: nn.Module | None = None):
     )
 
 
+def check_contrastive_batch(args: LRCLConfig, train_dataset) -> None:
+    """LRCL's negatives are the other rows of a contrastive batch: with one row the loss and its gradient are 0 and
+    training learns nothing (gradient accumulation adds no negatives)."""
+    rows, world = args.per_device_train_batch_size, args.world_size
+    if args.gather_negatives:
+        rows *= world
+    if rows < 2:
+        more = f", or gather_negatives: true (then the rows of all {world} processes count)" if world > 1 else ""
+        raise ValueError(
+            f"LRCLConfig.per_device_train_batch_size={args.per_device_train_batch_size} gives {rows} row(s) per "
+            "contrastive batch: LRCL needs >= 2 (the other rows are the negatives; with 1 the loss and gradient are 0, "
+            f"and gradient accumulation adds no negatives). Set per_device_train_batch_size >= 2{more}"
+        )
+    if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) < 2:
+        raise ValueError(f"train_dataset has {len(train_dataset)} item(s): LRCL needs >= 2 (in-batch negatives)")
+
+
 def build_embedder(args: LRCLConfig) -> ThoughtEmbedder:
     """The backbone named in `args` with a fresh thought module and (by default) a fresh LoRA adapter."""
-    embedder = ThoughtEmbedder.from_backbone(
-        args.model_name_or_path,
-        formatter=args.prompt_formatter(),
-        pooling=args.pooling,
-        dtype=args.model_dtype,
-        quantization=args.quantization,
-        attn_implementation=args.attn_implementation,
-        rope_base=args.thought_rope_base,
-    )
+    embedder = args.backbone_embedder()
     if args.use_lora:
         embedder.attach_lora(lora_config(args, embedder.model))
     else:
@@ -134,10 +145,10 @@ class LRCLModel(nn.Module):
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
-        """What Trainer (transformers >= 5.24) calls for `gradient_checkpointing: true`. Checkpointing turns the KV
-        cache off, so the embedder then takes the literal two-pass path (same numbers, more compute)."""
-        model = self.embedder.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        """What Trainer (transformers >= 5.24) calls for `activation_checkpointing: true` (`gradient_checkpointing`
+        before 5.24). Checkpointing turns the KV cache off, so the embedder then takes the literal two-pass path (same
+        numbers, more compute)."""
+        base = base_model_of(self.embedder.model)
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers,
@@ -149,6 +160,7 @@ class LRCLModel(nn.Module):
             base.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """What Trainer calls before transformers 5.24 (5.24 calls `activation_checkpointing_enable`)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -160,18 +172,14 @@ class LRCLModel(nn.Module):
         tensors are empty), so the files are written straight from `state_dict`; nothing is copied into the
         live modules (that would write partitions, not weights)."""
         state = save_wrapped_embedder(self, folder, state_dict)
-        if state is None:
-            return
-        temperature = state.get("temperature", self.temperature)
-        temperature = temperature.detach().float().cpu().reshape(1)
-        save_file({"temperature": temperature}, Path(folder) / TEMPERATURE_FILE)
+        if state is not None:
+            save_temperature(folder, state.get("temperature", self.temperature))
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore trained weights from a checkpoint folder (used when resuming)."""
         self.embedder.load_trained_state(folder)
         with torch.no_grad():
-            temperature = load_file(Path(folder) / TEMPERATURE_FILE)["temperature"]
-            self.temperature.copy_(temperature.reshape(self.temperature.shape))
+            self.temperature.copy_(load_temperature(folder).reshape(self.temperature.shape))
 
 
 class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
@@ -191,6 +199,7 @@ class LRCLTrainer(EmbedderCheckpointMixin, HubPushMixin, Trainer):
         optimizers=(None, None),
     ):
         args = args or LRCLConfig(output_dir="lrcl-output")
+        check_contrastive_batch(args, train_dataset)
         set_seed(args.seed)  # LoRA and the thought module are initialised randomly
         if model is None or isinstance(model, str):
             if isinstance(model, str):

@@ -3,9 +3,9 @@ its `ModelConfig`). `LRCLConfig(ModelArguments, TrainingArguments)` and `CRRLCon
 inherit them, so a field has one name and one meaning in both recipes (and one default: CRRLConfig only sets
 `model_name_or_path` to None, since CRRL normally starts from `lrcl_checkpoint`).
 
-LRCL builds its embedder from these fields. CRRL always reads `model_dtype` and `share_template`; the other backbone,
-prompt and pooling fields only when it starts from a bare backbone (no `lrcl_checkpoint`): an LRCL checkpoint keeps
-its own prompt format, pooling and adapter. The fields marked "LRCL:" in their help (LoRA creation) are unused by
+LRCL builds its embedder from these fields (`backbone_embedder`, then LoRA). CRRL always reads `model_dtype` and
+`share_template`; the other backbone, prompt and pooling fields only when it starts from a bare backbone (no
+`lrcl_checkpoint`): an LRCL checkpoint keeps its own prompt format, pooling and adapter. The fields marked "LRCL:" in their help (LoRA creation) are unused by
 CRRL.
 
 No heavy imports here: `TrlParser((DataArguments, ModelArguments, ...))` and `--help` stay light.
@@ -14,11 +14,7 @@ No heavy imports here: `TrlParser((DataArguments, ModelArguments, ...))` and `--
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
-# Keys that older configs used, with their new names: a config that still sets one fails with a message naming the
-# new key (see `check_renamed_keys`) instead of a bare "unknown argument".
-RENAMED_KEYS = {"max_prompt_length": "max_item_tokens"}
 QUANTIZATIONS = (None, "4bit")
 
 
@@ -61,8 +57,8 @@ class ModelArguments:
     max_item_tokens: int = field(
         default=256,
         metadata={"help": "Token budget of one item prompt (template, attributes, thought token and EOS); "
-                  "attributes are dropped or cut to fit. Formerly `max_prompt_length`. CRRL: only without "
-                  "lrcl_checkpoint (a checkpoint keeps its prompt format)."},
+                  "attributes are dropped or cut to fit. CRRL: only without lrcl_checkpoint (a checkpoint keeps its "
+                  "prompt format)."},
     )
     max_value_chars: int = field(
         default=100,
@@ -113,11 +109,19 @@ class ModelArguments:
 
         return ItemPromptFormatter(max_length=self.max_item_tokens, max_value_chars=self.max_value_chars)
 
+    def backbone_embedder(self):
+        """The `ThoughtEmbedder` these fields name (backbone, prompt format, pooling, dtype, quantisation, attention
+        kernel, thought RoPE base) with a fresh thought module and no LoRA: LRCL's start, and CRRL's without an LRCL
+        checkpoint."""
+        from reaemb_trl.embedder import ThoughtEmbedder
 
-def check_renamed_keys(keys: Iterable[str], where: str) -> None:
-    """ValueError naming the new key when `keys` (a config's keys, or `--flags` of a command line) hold a renamed
-    one."""
-    old = sorted({str(key).removeprefix("--").split("=", 1)[0] for key in keys} & set(RENAMED_KEYS))
-    if old:
-        renames = "; ".join(f"`{key}` was renamed to `{RENAMED_KEYS[key]}` (same meaning)" for key in old)
-        raise ValueError(f"{where}: {renames}: use the new name")
+        return ThoughtEmbedder.from_backbone(
+            self.model_name_or_path,
+            formatter=self.prompt_formatter(),
+            pooling=self.pooling,
+            dtype=self.model_dtype,
+            quantization=self.quantization,
+            attn_implementation=self.attn_implementation,
+            rope_base=self.thought_rope_base,
+        )
+

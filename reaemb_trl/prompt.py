@@ -18,8 +18,14 @@ def normalise_attributes(attributes: Any) -> list[tuple[str, str]]:
     """Accept `[{"key": k, "value": v}, ...]`, `[(k, v), ...]` or an ordered `{k: v}` mapping."""
     if isinstance(attributes, Mapping):
         pairs = list(attributes.items())
+    elif isinstance(attributes, (str, bytes)):
+        pairs = [()]
     else:
-        pairs = [(a["key"], a["value"]) if isinstance(a, Mapping) else tuple(a) for a in attributes]
+        pairs = [(a["key"], a["value"]) if isinstance(a, Mapping) else () if isinstance(a, str) else tuple(a)
+                 for a in attributes]  # fmt: skip
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"an item is a list of (key, value) pairs or a {{key: value}} mapping, got "
+                         f"{attributes!r:.80}; to embed one item pass a list holding it, e.g. [[('title', 'Toy')]]")
     return [(str(k), "" if v is None else str(v)) for k, v in pairs]
 
 

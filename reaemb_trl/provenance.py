@@ -1,5 +1,7 @@
 """Where a number was made: commit, package versions, CPU/GPU and their flags, dtype, threads.
 
+Which precision the hardware runs fast is decided in `reaemb_trl.hardware`.
+
 Results move between machines (bf16 numerics and speed differ between an Intel CPU with AMX and an AMD EPYC), so
 every results file and benchmark records this next to its numbers.
 """
@@ -11,6 +13,8 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from reaemb_trl.hardware import cpu_flags, cpu_model
 
 PACKAGES = ("reaemb-trl", "torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "numpy", "scipy")
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
@@ -32,28 +36,9 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
 
 def cpu_description() -> dict:
     """Model name and the flags that decide bf16 speed on CPU."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
-
-
-def fast_bf16_available(device) -> bool:
-    """bf16 matmuls are fast on CUDA cards that support them and on CPUs with AMX or AVX512-BF16."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(flag in cpu_description()["flags"] for flag in ("amx_bf16", "avx512_bf16"))
-    return False
+    flags = cpu_flags()
+    return {"model": cpu_model() or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}  # fmt: skip
 
 
 def gpu_description() -> list[str]:

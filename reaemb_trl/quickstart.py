@@ -1,13 +1,20 @@
-"""`reaemb quickstart`: ReaEmb end to end on the embedded defaults, and whether it helped.
+"""The quickstart pipeline behind `reaemb quickstart` (reaemb_trl/cli/quickstart.py): ReaEmb end to end on the
+embedded defaults, and whether it helped.
 
 Stages, each a function of (settings, data) and each skipped when its marker in OUTPUT/.stages exists, so a re-run
-continues where it stopped (an interrupted training stage resumes from its last checkpoint):
+continues where it stopped (an interrupted training stage resumes from its last checkpoint). Each table has one
+writer:
 
-    fetch_data -> train_lrcl -> train_crrl -> export_tables (raw backbone, LRCL, LRCL+CRRL) -> evaluate_tables
+    fetch_data -> train_lrcl -> train_crrl (+ tables lrcl, crrl) -> export_raw_table (table raw) -> evaluate_tables
 
-The settings live in recipes/configs/quickstart.yaml (its comments say how they differ from the paper and why);
-`QuickstartSettings.from_yaml` reads it and the CLI's flags override it. The experiment scripts (experiments/) call
-the same stage functions with other settings.
+Cold items (`cold_items`, reaemb_trl.data.cold) stand for items added after training: LRCL reads their text (it
+uses no interactions), CRRL and its co-occurrence counts never see their interactions, the evaluation removes them
+from its training data and reports their users as a group, and each table is written for the other (warm) items,
+then gets the cold ones the way a user adds new items (`reaemb encode`, export.encode_new_items).
+
+The settings live in reaemb_trl/configs/quickstart.yaml, shipped inside the package (its comments say how they
+differ from the paper and why); `QuickstartSettings.from_yaml` reads it and the CLI's flags override it. The
+experiment scripts (experiments/) call the same stage functions with other settings.
 """
 
 from __future__ import annotations
@@ -17,14 +24,19 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import typer
 import yaml
 
+if TYPE_CHECKING:
+    from reaemb_trl.data.canonical import RecDataset
+
 TABLES = ("raw", "lrcl", "crrl")
-SETTINGS_FILE = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "quickstart.yaml"
+# package data (pyproject.toml's package-data), so an installed wheel has it too
+SETTINGS_FILE = resources.files("reaemb_trl") / "configs" / "quickstart.yaml"
 STAGES = ("data", "lrcl", "crrl", "export", "evaluate")
 
 
@@ -38,7 +50,7 @@ class QuickstartSettings:
     dataset: str = "ml-100k"
     device: str = "cpu"
     seed: int = 42
-    bf16: bool | None = None  # None: where the hardware runs it fast
+    bf16: bool | str = "auto"  # auto: bf16 where the hardware runs it fast (reaemb_trl.preflight.resolve_bf16)
     lrcl: dict[str, Any] = field(default_factory=dict)
     crrl: dict[str, Any] = field(default_factory=dict)
     export_batch: int = 32
@@ -47,31 +59,40 @@ class QuickstartSettings:
     eval_seeds: int = 3
     eval_workers: int = 2  # downstream runs at once (worker processes sharing the CPU threads)
     hybrid: bool = False  # also evaluate every LLM table as ids + adapter(table)
+    ensemble: bool = False  # also the score ensemble id+table of the id and frozen runs (no training)
+    cold_items: float = 0.0  # share of the items treated as new (every stage; see the module doc)
+    cold_item_seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.cold_items < 1.0:
+            raise ValueError(f"cold_items is a share of the catalogue in [0, 1), got {self.cold_items}")
+        misplaced = sorted({"cold_items", "cold_item_seed"} & set(self.evaluation))
+        if misplaced:
+            raise ValueError(f"set {misplaced} at the top level of the quickstart settings, not under `evaluation`: "
+                             "the LLM stages use the same cold items")
 
     @classmethod
-    def from_yaml(cls, path: str | Path = SETTINGS_FILE, **overrides) -> "QuickstartSettings":
-        """Settings from a YAML file (every key a field of this class), then `overrides` (None values ignored)."""
-        path = Path(path)
+    def from_yaml(cls, path: str | Path | Traversable = SETTINGS_FILE, **overrides) -> "QuickstartSettings":
+        """Settings from a YAML file (every key a field of this class; default: the packaged quickstart.yaml), then
+        `overrides` (None values ignored)."""
+        path = Path(path) if isinstance(path, str) else path
         data = yaml.safe_load(path.read_text()) or {}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown quickstart settings {unknown}; known: {sorted(known)}")
-        from reaemb_trl.model_args import check_renamed_keys
-
-        for section in ("lrcl", "crrl"):
-            check_renamed_keys(data.get(section) or {}, f"{path}: {section}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         data["output"] = Path(data.get("output", "runs/quickstart"))
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
-    @property
-    def use_bf16(self) -> bool:
-        import torch
+    def precision(self) -> tuple[bool, str]:
+        """(bf16, the line that says which precision and why), by the recipes' rule."""
+        from reaemb_trl.preflight import resolve_bf16
 
-        from reaemb_trl.provenance import fast_bf16_available
-
-        return fast_bf16_available(torch.device(self.device)) if self.bf16 is None else self.bf16
+        return resolve_bf16(self.bf16, self.device)
 
 
 def _log(message: str) -> None:
@@ -86,8 +107,39 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def _training_args(settings: QuickstartSettings, folder: Path) -> dict:
     """What both trainers get from the quickstart: output, seed, precision, device, logging."""
-    return dict(output_dir=str(folder), seed=settings.seed, bf16=settings.use_bf16, use_cpu=settings.device == "cpu",
-                report_to="tensorboard", save_total_limit=1, disable_tqdm=False)
+    return dict(output_dir=str(folder), seed=settings.seed, bf16=settings.precision()[0],
+                use_cpu=settings.device == "cpu", report_to="tensorboard", save_total_limit=1, disable_tqdm=False)
+
+
+def _data_args(settings: QuickstartSettings):
+    from reaemb_trl.builders import DataArguments
+
+    return DataArguments(dataset=str(settings.output / "data"), cold_items=settings.cold_items,
+                         cold_item_seed=settings.cold_item_seed)
+
+
+def cold_items(settings: QuickstartSettings, data: RecDataset) -> set[str]:
+    """The cold items of this run: the same draw as the evaluation's (EvalConfig.cold_items, cold_item_seed)."""
+    from reaemb_trl.data.cold import cold_item_ids
+
+    return set(cold_item_ids(data.item_ids, settings.cold_items, settings.cold_item_seed))
+
+
+def _warm_items(settings: QuickstartSettings, data: RecDataset) -> list[dict]:
+    cold = cold_items(settings, data)
+    return [item for item in data.items if item["item_id"] not in cold]
+
+
+def _add_cold_items(settings: QuickstartSettings, data: RecDataset, table: Path, model) -> int:
+    """Add the cold items to `table` as a user adds new items (`reaemb encode`: export.encode_new_items with the
+    model that made the table, a checkpoint folder or the bare backbone's embedder); returns how many."""
+    from reaemb_trl.export import encode_new_items
+
+    if not cold_items(settings, data):
+        return 0
+    _, added = encode_new_items(model, data.items, table, table, batch_size=settings.export_batch,
+                                device=settings.device)
+    return len(added)
 
 
 # ---- the stages -----------------------------------------------------------------------------------------------------
@@ -107,33 +159,56 @@ def fetch_data(settings: QuickstartSettings) -> dict:
     return {"source": str(source), "stats": asdict(print_stats(out / "data"))}
 
 
-def train_lrcl(settings: QuickstartSettings, data) -> dict:
-    """LRCL over the whole catalogue; `lrcl.num_train_epochs` = views of each item."""
-    from reaemb_trl.builders import DataArguments, build_lrcl_trainer
+def train_lrcl(settings: QuickstartSettings, data: RecDataset) -> dict:
+    """LRCL over the whole catalogue, cold items included: it reads item text only, never an interaction (a new
+    item's text is known when it is added); `lrcl.num_train_epochs` = views of each item."""
+    from reaemb_trl.builders import build_lrcl_trainer
     from reaemb_trl.lrcl_config import LRCLConfig
+    from reaemb_trl.quickstart_time import TimeEstimate, later_stage_seconds
 
     folder = settings.output / "lrcl"
     args = LRCLConfig(**{"model_name_or_path": settings.backbone, **_training_args(settings, folder),
                          "save_strategy": "steps", "save_steps": 50, **settings.lrcl})
-    trainer = build_lrcl_trainer(DataArguments(dataset=str(data.folder)), args, data)
+    trainer = build_lrcl_trainer(_data_args(settings), args, data)
+    trainer.add_callback(TimeEstimate("lrcl", later_stage_seconds(settings, data, "lrcl")))
     trainer.train(resume_from_checkpoint=_last_checkpoint(folder))
     trainer.save_model(str(folder))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"steps": trainer.state.global_step, "items": len(data.items), "epochs": trainer.state.epoch,
+            "cold_items_read": len(cold_items(settings, data)),  # their text only: LRCL uses no interactions
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
-def train_crrl(settings: QuickstartSettings, data) -> dict:
-    """CRRL from the LRCL checkpoint; with held-out items, the frozen yardstick before and after training."""
-    from reaemb_trl.builders import DataArguments, build_crrl_trainer
-    from reaemb_trl.crrl_config import CRRLConfig
-
-    folder, tables = settings.output / "crrl", settings.output / "tables"
-    for name in ("lrcl", "crrl"):  # written below from the yardstick's encodings, or by export_tables
+def train_crrl(settings: QuickstartSettings, data: RecDataset) -> dict:
+    """CRRL from the LRCL checkpoint (never seeing a cold item), then the two tables of the trained checkpoints (this
+    stage is their one writer): tables/lrcl and tables/crrl of the warm items, from the noise-free catalogue encodings
+    of CRRL's frozen-yardstick evaluations before and after training when it has held-out items and started from
+    scratch, else exported from the checkpoints; then the cold items added by each checkpoint, as `reaemb encode`
+    adds them."""
+    tables = settings.output / "tables"
+    for name in ("lrcl", "crrl"):
         (tables / f"{name}.safetensors").unlink(missing_ok=True)
+    info = _train_crrl(settings, data, tables)
+    if not all((tables / f"{name}.safetensors").exists() for name in ("lrcl", "crrl")):
+        _export_checkpoint_tables(settings, _warm_items(settings, data), tables)
+    info["cold_items"] = len(cold_items(settings, data))
+    for name in ("lrcl", "crrl"):
+        _add_cold_items(settings, data, tables / f"{name}.safetensors", str(settings.output / name))
+    return info
+
+
+def _train_crrl(settings: QuickstartSettings, data: RecDataset, tables: Path) -> dict:
+    """Train CRRL; with held-out items, the frozen yardstick before and after training, and (unless resumed) the
+    LRCL and CRRL tables written from its encodings."""
+    from reaemb_trl.builders import build_crrl_trainer
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.quickstart_time import TimeEstimate, later_stage_seconds
+
+    folder = settings.output / "crrl"
     args = CRRLConfig(**{"lrcl_checkpoint": str(settings.output / "lrcl"), **_training_args(settings, folder),
                          **settings.crrl})
-    trainer = build_crrl_trainer(DataArguments(dataset=str(data.folder)), args, data)
+    trainer = build_crrl_trainer(_data_args(settings), args, data)  # its catalogue: the warm items
+    trainer.add_callback(TimeEstimate("crrl", later_stage_seconds(settings, data, "crrl")))
     resume = _last_checkpoint(folder)
     before = trainer.evaluate(metric_key_prefix="start") if trainer.yardstick is not None and not resume else None
     if before is not None:  # the LRCL table: the catalogue under the thought module CRRL starts from
@@ -156,8 +231,7 @@ def train_crrl(settings: QuickstartSettings, data) -> dict:
 
 
 def _write_yardstick_table(trainer, settings: QuickstartSettings, path: Path, source: Path) -> None:
-    """The catalogue table the trainer's last evaluation encoded, written as an item table: the export stage then
-    encodes only the raw backbone."""
+    """The catalogue table the trainer's last evaluation encoded, written as an item table (no second encoding)."""
     import torch
 
     from reaemb_trl.export import write_encoded_table
@@ -167,55 +241,72 @@ def _write_yardstick_table(trainer, settings: QuickstartSettings, path: Path, so
                         dtype=torch.bfloat16 if trainer.args.bf16 else None)
 
 
-def _mean_logged(history: list[dict], key: str) -> float | None:
-    values = [h[key] for h in history if h.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def export_tables(settings: QuickstartSettings, data) -> dict:
-    """raw (the bare backbone, same prompt and pooling, no thought), lrcl and crrl tables; LRCL and CRRL share
-    their prefix passes when CRRL left the LLM as LRCL trained it."""
+def _export_checkpoint_tables(settings: QuickstartSettings, items: list[dict], tables: Path) -> None:
+    """The LRCL and CRRL tables of `items` encoded from their checkpoints (no yardstick encodings to reuse); one
+    prefix pass for both when CRRL left the LLM as LRCL trained it."""
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.export import export_table, export_thought_variants
 
-    out, tables = settings.output, settings.output / "tables"
-    rows = data.rows
+    out = settings.output
     crrl = ThoughtEmbedder.from_pretrained(out / "crrl", device=settings.device)
-    raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=crrl.formatter, pooling=crrl.pooling)
-    export_table(raw.to(settings.device), rows, tables / "raw.safetensors", source=settings.backbone,
-                 without_thought=True, batch_size=settings.export_batch, pca=settings.export_pca)
-    del raw
-    if all((tables / f"{name}.safetensors").exists() for name in ("lrcl", "crrl")):
-        pass  # train_crrl wrote both from the noise-free catalogue tables of its yardstick evaluations
-    elif crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
-        export_thought_variants(crrl, rows, {
+    if crrl.same_adapter_as(out / "lrcl"):  # CRRL trained only the thought module: one prefix pass for both
+        export_thought_variants(crrl, items, {
             "lrcl": (tables / "lrcl.safetensors", crrl.thought_module_from(out / "lrcl"), str(out / "lrcl")),
             "crrl": (tables / "crrl.safetensors", crrl.thought_module, str(out / "crrl")),
         }, batch_size=settings.export_batch, pca=settings.export_pca)  # fmt: skip
     else:
         lrcl = ThoughtEmbedder.from_pretrained(out / "lrcl", device=settings.device)
         for name, embedder in (("lrcl", lrcl), ("crrl", crrl)):
-            export_table(embedder, rows, tables / f"{name}.safetensors", source=str(out / name),
+            export_table(embedder, items, tables / f"{name}.safetensors", source=str(out / name),
                          batch_size=settings.export_batch, pca=settings.export_pca)
-    return {"items": len(rows), "tables": [str(tables / f"{n}.safetensors") for n in TABLES]}
 
 
-def evaluate_tables(settings: QuickstartSettings, data) -> dict:
-    """MostPop, ids and the three tables (frozen, the paper's mode; and hybrid = ids + adapter(table)) over the
-    seeds, with paired tests: every table vs id, the LLM tables vs raw, each stage vs the one before."""
-    from reaemb_trl.evaluation.report import write_report
-    from reaemb_trl.evaluation.runner import EvalConfig, TableSpec, compare_tables
+def _mean_logged(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if h.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def export_raw_table(settings: QuickstartSettings, data: RecDataset) -> dict:
+    """The raw table: the bare backbone with the trained checkpoints' prompt format and pooling, no thought (the
+    baseline of the LLM tables; train_crrl writes those); the warm items, then the cold ones as `reaemb encode
+    --backbone` adds them."""
+    from reaemb_trl.embedder import ThoughtEmbedder
+    from reaemb_trl.export import export_table
+
+    path = settings.output / "tables" / "raw.safetensors"
+    crrl = ThoughtEmbedder.from_pretrained(settings.output / "crrl", device=settings.device)
+    raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=crrl.formatter, pooling=crrl.pooling)
+    del crrl
+    raw = raw.to(settings.device)
+    export_table(raw, _warm_items(settings, data), path, source=settings.backbone, without_thought=True,
+                 batch_size=settings.export_batch, pca=settings.export_pca)
+    added = _add_cold_items(settings, data, path, raw)
+    return {"items": len(data.items), "cold_items": added, "tables": [str(path)]}
+
+
+def evaluate_tables(settings: QuickstartSettings, data: RecDataset) -> dict:
+    """MostPop, ids and the three tables (frozen, the paper's mode; hybrid = ids + adapter(table); the score
+    ensemble id+table of the id and frozen runs) over the seeds, with paired tests: every table vs id, the LLM
+    tables vs raw, each stage vs the one before, each hybrid vs the ensemble of the same table. With cold items, the
+    `cold_item` group: users whose target is one."""
+    from reaemb_trl.evaluation import EvalConfig, TableSpec, compare_tables, write_report
+    from reaemb_trl.evaluation.compare import spec_name
 
     tables = settings.output / "tables"
+    modes = ["frozen"] + ["hybrid"] * settings.hybrid + ["ensemble"] * settings.ensemble
     specs = [TableSpec("mostpop", "mostpop"), TableSpec("id", "id")]
-    specs += [TableSpec(name, str(tables / f"{name}.safetensors"), "frozen") for name in TABLES]
+    specs += [TableSpec(spec_name(name, mode), str(tables / f"{name}.safetensors"), mode)
+              for mode in modes for name in TABLES]
     compare = ["lrcl:raw", "crrl:lrcl"]
     if settings.hybrid:
-        specs += [TableSpec(f"{name}@hybrid", str(tables / f"{name}.safetensors"), "hybrid") for name in TABLES]
         compare += ["lrcl@hybrid:raw@hybrid", "crrl@hybrid:lrcl@hybrid"]
-    config = EvalConfig(**{"device": settings.device, **settings.evaluation})
-    results = compare_tables(data.rec_dataset(), specs, settings.eval_seeds, config, compare=compare,
-                             workers=settings.eval_workers)
+    if settings.hybrid and settings.ensemble:  # does a table inside the model beat combining two models' scores?
+        compare += [f"{spec_name(name, 'hybrid')}:{spec_name(name, 'ensemble')}" for name in TABLES]
+    config = EvalConfig(**{"device": settings.device, **settings.evaluation, "cold_items": settings.cold_items,
+                           "cold_item_seed": settings.cold_item_seed})
+    # Finished runs are kept in eval/runs: an interrupted evaluation stage resumes instead of starting over.
+    results = compare_tables(data, specs, settings.eval_seeds, config, compare=compare, workers=settings.eval_workers,
+                             runs_dir=settings.output / "eval" / "runs")
     write_report(results, settings.output / "eval")
     return {"tables": [s.name for s in specs], "seconds_of_runs": results["wall_seconds"]}
 
@@ -239,45 +330,20 @@ def _stage(settings: QuickstartSettings, name: str, run: Callable[[], dict]) -> 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
     """Run every stage; returns the evaluation results (also written to OUTPUT/eval)."""
-    from reaemb_trl.builders import DataArguments, LoadedDataset
+    from reaemb_trl.data.canonical import RecDataset
 
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
     (out / "quickstart_settings.json").write_text(json.dumps(asdict(settings), default=str, indent=2) + "\n")
+    bf16, precision = settings.precision()
+    _log(precision)
     stages = {"data": _stage(settings, "data", lambda: fetch_data(settings))}
-    data = LoadedDataset.load(DataArguments(dataset=str(out / "data")), with_sequences=True)  # read once per run
-    for name, run in (("lrcl", train_lrcl), ("crrl", train_crrl), ("export", export_tables),
+    data = RecDataset.load(out / "data")  # read once per run
+    for name, run in (("lrcl", train_lrcl), ("crrl", train_crrl), ("export", export_raw_table),
                       ("evaluate", evaluate_tables)):
         stages[name] = _stage(settings, name, lambda run=run: run(settings, data))
     results = json.loads((out / "eval" / "results.json").read_text())
-    summary = {"stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)}
+    summary = {"precision": {"bf16": bf16, "why": precision}, "stages": stages,
+               "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
-
-
-def quickstart_command(
-    output: Path = typer.Option(None, "--output", help="Folder for every artifact (default: the settings file's, "
-                                "runs/quickstart); re-running skips finished stages."),
-    settings_file: Path = typer.Option(None, "--settings", help="A quickstart YAML (default: "
-                                       "recipes/configs/quickstart.yaml)."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (training, export and evaluation)."),
-    seeds: int = typer.Option(None, "--seeds", help="Seeds of the downstream evaluation (default 3)."),
-    hybrid: bool = typer.Option(None, "--hybrid/--no-hybrid", help="Also evaluate each LLM table as ids + "
-                                "adapter(table) (default: the settings file's; 9 more runs, ~9 min on 2 cores)."),
-) -> None:
-    """ReaEmb end to end: fetch defaults, LRCL, CRRL, export tables, evaluate SASRec with MostPop, ids and each
-    table (frozen and hybrid), with paired tests; settings from recipes/configs/quickstart.yaml."""
-    from reaemb_trl.evaluation.report import render_markdown
-
-    settings = QuickstartSettings.from_yaml(settings_file or SETTINGS_FILE, output=output, device=device,
-                                            eval_seeds=seeds, hybrid=hybrid)
-    results = run_quickstart(settings)
-    print(render_markdown(results, groups=("all", "tail_item", "head_item")))
-    summary = json.loads((settings.output / "summary.json").read_text())
-    crrl = summary["stages"]["crrl"]
-    if crrl.get("yardstick_start") and crrl.get("yardstick_end"):
-        key = "anchor_normalized_centered_cosine"
-        start, end = crrl["yardstick_start"].get(f"start_{key}"), crrl["yardstick_end"].get(f"end_{key}")
-        print(f"CRRL on held-out items (frozen yardstick, {key}): {start:.4f} (LRCL) -> {end:.4f} (LRCL+CRRL)")
-    print(f"\nall stages: {summary['total_seconds'] / 60:.1f} min; results in {settings.output / 'eval'} "
-          "(results.json, results.md, ndcg10.png, test_ranks.npz)")

@@ -1,39 +1,64 @@
 """CRRL reward functions (docs/method.md, "CRRL"), following TRL's reward contract.
 
 A reward function is called once per generation batch with keyword arguments only and returns one
-`float | None` per row (a row = one noisy copy of one item); `None` means "cannot score this row" and is handled
-like TRL does (NaN, ignored by the nan-aware group statistics; a row no function can score gets advantage 0).
-Always accept `**kwargs`: more arguments may be added. Arguments passed by `CRRLTrainer`:
+`float | None` per row (a row = one noisy copy of one item). The arguments are the fields of `RewardInputs` below
+plus every column of the training dataset (e.g. `attributes`), one value per row; always accept `**kwargs`: more
+arguments may be added.
 
-    item_ids              list[str] (R,)            the item of each row
-    copy_index            list[int] (R,)            0..G-1 within the item's group; 0 is the noise-free anchor
-    candidate_ids         list[list[str]] (R, N)    the candidates of each row's item (positives first)
-    positive_mask         bool tensor (R, N)        which candidates are positives
-    positive_weights      float tensor (R, N)       count_b / sum of positive counts, 0 on negatives
-    item_embeddings       float tensor (R, d)       e_g: the embedding generated with the noisy thought z_g
-    candidate_embeddings  float tensor (R, N, d)    e_b: candidates with their noise-free thought
-    similarities          float tensor (R, N)       s(e_g, e_b), dot or cosine (`similarity`)
-    similarity            str                       'dot' or 'cosine'
-    thoughts              float tensor (R, d)       z_g
-    reward_temperature    float                     the config's temperature for smooth rewards
-    collaborative_table   CollaborativeTable | None  loaded from `CRRLConfig.collaborative_table`
-    <dataset columns>     list (R,)                 every column of the training dataset (e.g. `attributes`)
-    trainer_state         transformers.TrainerState
-    log_extra, log_metric callables (TRL's)
+- `None` means "cannot score this row" and is handled like TRL does (NaN, ignored by the nan-aware group statistics;
+  a row no function can score gets advantage 0).
+- A non-finite value (inf, nan) is an error: CRRLTrainer raises a ValueError naming the function and the count
+  (one inf would otherwise turn every advantage of the batch into 0, the other rewards' signal included). Return
+  None for rows you cannot score.
 
 Reward functions are given as callables or names: a built-in short name (`rank`, `multi_positive_rank`, `softmax`,
-`log_softmax`, `collaborative_agreement`) or a dotted path `package.module:function` / `package.module.function`.
+`log_softmax`, `collaborative_agreement`, see `REWARD_REGISTRY`) or a dotted path `package.module:function` /
+`package.module.function`.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from reaemb_trl.similarity import similarity_matrix
+
 RewardFunc = Callable[..., list]
+
+
+# ---- the contract ------------------------------------------------------------------------------------------------
+@dataclass
+class RewardInputs:
+    """What `CRRLTrainer` passes to every reward function about one generation batch: R rows, N candidates per row,
+    embeddings of size d. Tensors are on the trainer's device."""
+
+    item_ids: list[str]  # (R,) the item of each row
+    copy_index: list[int]  # (R,) 0..G-1 within the item's group; 0 is the noise-free anchor (`anchor_copy`)
+    candidate_ids: list[list[str]]  # (R, N) the candidates of each row's item, positives first
+    positive_mask: torch.Tensor  # bool (R, N): which candidates are positives
+    positive_weights: torch.Tensor  # float (R, N): score_b / sum of the positives' scores, 0 on negatives
+    item_embeddings: torch.Tensor  # float (R, d): e_g, the embedding generated with the noisy action z_g
+    candidate_embeddings: torch.Tensor  # float (R, N, d): e_b, each candidate with its noise-free thought
+    similarities: torch.Tensor  # float (R, N): s(e_g, e_b) under `similarity`
+    similarity: str  # the kind, one of reaemb_trl.similarity.SIMILARITIES
+    actions: torch.Tensor  # float (R, d): z_g, the noisy latent actions
+    reward_temperature: float  # the config's temperature for smooth rewards
+    collaborative_table: CollaborativeTable | None  # loaded from `CRRLConfig.collaborative_table`
+    trainer_state: Any  # transformers.TrainerState
+    log_extra: Callable[[str, list], None]  # TRL's; CRRL logs no completions table, so the values are dropped
+    log_metric: Callable[[str, float], None]  # TRL's: a scalar averaged into the logged metrics
+
+    def keywords(self, rows: Sequence[dict]) -> dict[str, Any]:
+        """The reward functions' keyword arguments: each dataset column of `rows` as a list (R,), then these
+        fields (a field wins over a column of the same name). Nothing is copied."""
+        names = [f.name for f in fields(self)]
+        kwargs = {key: [row[key] for row in rows] for key in rows[0] if key not in names}
+        kwargs.update((name, getattr(self, name)) for name in names)
+        return kwargs
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -161,8 +186,9 @@ def collaborative_agreement_reward(
     similarities, item_ids, candidate_ids, collaborative_table: CollaborativeTable | None = None, similarity="dot", **kwargs
 ) -> list[float | None]:
     """Pearson correlation (in [-1, 1]) between the generated embedding's similarities to the N candidates and the
-    collaborative table's similarities between the same items (same `similarity` kind). None when the item or a
-    candidate is missing from the table, or either similarity vector is constant."""
+    collaborative table's similarities between the same items (same `similarity` kind; centred cosine centres on
+    the collaborative table's mean row). None when the item or a candidate is missing from the table, or either
+    similarity vector is constant."""
     if collaborative_table is None:
         raise ValueError(
             "collaborative_agreement_reward needs a collaborative table: set CRRLConfig.collaborative_table to a "
@@ -175,20 +201,11 @@ def collaborative_agreement_reward(
     n = len(candidate_ids[0]) if candidate_ids else 0
     items = table.embeddings[item_rows]
     cands = table.embeddings[cand_rows].view(len(item_ids), n, -1)
-    target = similarity_matrix(items, cands, similarity)
+    center = table.embeddings.mean(0) if similarity == "centered_cosine" else None
+    target = similarity_matrix(items, cands, similarity, center)
     corr, valid = _pearson(_as_tensor(similarities), target)
     valid = valid & item_found & cand_found.view(len(item_ids), n).all(-1)
     return _to_list(corr, valid)
-
-
-def similarity_matrix(items: torch.Tensor, candidates: torch.Tensor, kind: str = "dot") -> torch.Tensor:
-    """s(e_g, e_b): items (R, d), candidates (R, N, d) -> (R, N)."""
-    items, candidates = items.float(), candidates.float()
-    if kind == "cosine":
-        items = torch.nn.functional.normalize(items, dim=-1)
-        candidates = torch.nn.functional.normalize(candidates, dim=-1)
-    with torch.autocast(items.device.type, enabled=False):  # bf16 would round large dot products into ties
-        return torch.einsum("rd,rnd->rn", items, candidates)
 
 
 # ---- registry ----------------------------------------------------------------------------------------------------
@@ -202,7 +219,8 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
 
 
 def register_reward(name: str, func: RewardFunc | None = None):
-    """Register a reward under a short name (usable from YAML/CLI). Works as a decorator too."""
+    """Register a reward under a short name (usable from YAML/CLI once registered: register it before building the
+    CRRLConfig that names it). Works as a decorator too."""
 
     def wrap(f: RewardFunc) -> RewardFunc:
         REWARD_REGISTRY[name] = f
@@ -224,7 +242,8 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     elif "." in spec:
         module_name, _, attr = spec.rpartition(".")
     else:
-        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(REWARD_REGISTRY)} or 'package.module:function'")
+        raise ValueError(f"unknown reward {spec!r}: use a built-in name ({', '.join(REWARD_REGISTRY)}) or a dotted "
+                         "path 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -239,6 +258,24 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     return func
 
 
+def resolve_rewards(specs: Sequence[str | RewardFunc] | str | RewardFunc) -> list[RewardFunc]:
+    """`resolve_reward` of each spec (one spec or a list)."""
+    specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    funcs = [resolve_reward(s) for s in specs]
+    if any(isinstance(f, torch.nn.Module) for f in funcs):
+        raise TypeError("CRRL rewards score embeddings: reward models (nn.Module) are not supported")
+    return funcs
+
+
+def reward_weights(weights: Sequence[float] | None, count: int) -> torch.Tensor:
+    """The weight of each of `count` reward functions (all 1 when `weights` is None)."""
+    if weights is None:
+        return torch.ones(count, dtype=torch.float32)
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} reward weights for {count} reward functions")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def reward_name(func: RewardFunc) -> str:
     """The name TRL-style metrics use (`rewards/<name>/mean`)."""
     return getattr(func, "__name__", None) or type(func).__name__
@@ -247,6 +284,7 @@ def reward_name(func: RewardFunc) -> str:
 __all__ = [
     "REWARD_REGISTRY",
     "CollaborativeTable",
+    "RewardInputs",
     "collaborative_agreement_reward",
     "log_softmax_reward",
     "multi_positive_rank_reward",
@@ -254,6 +292,8 @@ __all__ = [
     "rank_reward",
     "register_reward",
     "resolve_reward",
+    "resolve_rewards",
     "reward_name",
+    "reward_weights",
     "softmax_reward",
 ]

@@ -10,7 +10,8 @@ Any field of `CRRLConfig` or `DataArguments` can be overridden on the command li
 Candidates are built from the dataset's interactions (training part only: each user's last `holdout` items are
 left out); items without any co-occurring item cannot be scored and are not trained on. With
 `eval_item_fraction` > 0 a seeded share of the items is held out, and `eval_strategy: steps` scores the frozen
-yardstick of reaemb_trl.crrl_yardstick on them every `eval_steps`. The final checkpoint
+yardstick of reaemb_trl.crrl_yardstick on them every `eval_steps`. `bf16: auto` trains in bf16 only where the CPU or
+GPU runs it fast; the precision chosen is printed and saved in training_config.json. The final checkpoint
 (thought module, adapter, prompt format) lands in `output_dir` and loads with `ThoughtEmbedder.from_pretrained`.
 """
 

@@ -6,6 +6,8 @@
         --config recipes/configs/lrcl_paper.yaml                                        # GPUs, paper scale
 
 Any field of `LRCLConfig` or `DataArguments` can be overridden on the command line, e.g. `--max_steps 50`.
+`bf16: auto` trains in bf16 only where the CPU or GPU runs it fast (fp32 on an AVX2-only CPU, where emulated bf16
+is ~12x slower); the precision chosen is printed and saved in the checkpoint's training_config.json.
 The final checkpoint (adapter, thought module, prompt format) lands in `output_dir` and loads with
 `ThoughtEmbedder.from_pretrained(output_dir)`.
 """

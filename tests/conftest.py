@@ -26,6 +26,17 @@ ITEMS = [
 ]
 
 
+def single_threaded(function):
+    """`function()` with one intra-op thread, as a launched process with OMP_NUM_THREADS=1 runs: CPU kernels can split
+    sums differently per thread count, and claims that two runs give the same bits are for the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_causal_lm(family: str = "llama", hidden: int = 32, layers: int = 2, seed: int = 0, vocab: int = 512):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -1,20 +1,14 @@
-"""benchmarks/crrl_headroom.py's supervised learner: each `--module-train` sends the gradient down exactly the paths
+"""experiments/crrl_headroom.py's supervised learner: each `--module-train` sends the gradient down exactly the paths
 it names (the benchmark's conclusions about CRRL with `train_lora` rest on `lora_via_thought` being what CRRL can
 learn: the adapter moves only through the thought vector mu)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from conftest import tiny_embedder
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from crrl_headroom import TEMPERATURE, centred_cosine, supervised_loss, trainable_parameters  # noqa: E402
+from experiments.crrl_headroom import centred_cosine_logits, supervised_loss, trainable_parameters
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
@@ -44,7 +38,7 @@ def _via_mu_reference(embedder, prefix_ids, cands, center, lora):
     with torch.no_grad():
         frozen = embedder.encode_prefix(prefix_ids)
     emb = embedder.embed_from_thought(frozen, mu_leaf)
-    loss = torch.nn.functional.cross_entropy(centred_cosine(emb, cands, center) / TEMPERATURE,
+    loss = torch.nn.functional.cross_entropy(centred_cosine_logits(emb, cands, center),
                                              torch.zeros(len(prefix_ids), dtype=torch.long))
     (d_mu,) = torch.autograd.grad(loss, mu_leaf)
     return _grads(mu, lora, d_mu)

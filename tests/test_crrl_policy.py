@@ -16,7 +16,8 @@ from datasets import Dataset
 from conftest import tiny_embedder
 from reaemb_trl.candidates import CooccurrenceCandidates
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.crrl_trainer import CRRLTrainer, action_noise, action_scale, compute_advantages
+from reaemb_trl.crrl_policy import action_noise, action_scale, compute_advantages
+from reaemb_trl.crrl_trainer import CRRLTrainer
 from reaemb_trl.thought_module import LatentThoughtModule
 
 ASSETS = Path(__file__).parent / "assets"
@@ -147,7 +148,7 @@ def test_prefix_store_gives_the_rollouts_and_the_reference_table_of_fresh_encodi
                 for i in ("0", "5") for _ in range(8)]
         trainer._generate_and_score_completions(rows)
         ids, table = trainer.catalogue_table()
-        outs[budget] = (trainer._last_generation, table, trainer._prefix_store)
+        outs[budget] = (trainer._last_generation, table, trainer.encoder.prefix_store)
     (fresh, table0, none), (stored, table1, store) = outs[0.0], outs[1.0]
     assert none is None and len(store.rows) == len(items)
     torch.testing.assert_close(table1, table0, atol=1e-5, rtol=1e-4)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
-import sys
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -15,14 +14,9 @@ from datasets import Dataset
 from conftest import ITEMS, tiny_embedder
 from reaemb_trl.candidates import CooccurrenceCandidates
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.crrl_trainer import (
-    CRRLTrainer,
-    action_noise,
-    clipped_policy_loss,
-    compute_advantages,
-    gaussian_kl,
-    gaussian_log_prob,
-)
+from reaemb_trl.crrl_policy import action_noise, clipped_policy_loss, compute_advantages, gaussian_kl, gaussian_log_prob
+from reaemb_trl.crrl_trainer import CRRLTrainer
+from reaemb_trl.rewards import RewardInputs
 
 CATALOGUE = {str(i): [{"key": k, "value": v} for k, v in item] for i, item in enumerate(ITEMS)}
 SEQS = {
@@ -184,7 +178,11 @@ def test_custom_reward_by_dotted_path_reaches_the_loss(tmp_path, monkeypatch):
 
     call = my_rewards.CALLS[-1]
     assert call["n"] == 8 and call["shapes"] == ((8, 32), (8, 4, 32), (8, 4), (8, 4)) and call["has_attributes"]
-    assert {"similarity", "actions", "thoughts", "reward_temperature", "log_metric", "log_extra"} <= set(call["kwargs"])
+    # the keywords are RewardInputs' fields plus the dataset's columns, nothing else
+    named = {"item_ids", "copy_index", "candidate_ids", "positive_mask", "positive_weights", "item_embeddings",
+             "candidate_embeddings", "similarities", "trainer_state", "attributes"}
+    fields = {f.name for f in dataclasses.fields(RewardInputs)}
+    assert set(call["kwargs"]) == fields - named | {"item_id"}
     # rewards 0, 1, 2, None per group: nan-aware mean 1 -> advantages -1, 0, 1, 0
     assert out["advantages"].tolist() == pytest.approx([-1, 0, 1, 0, -1, 0, 1, 0])
     # the advantages drive the loss: its gradient is sum_g A_g (z_g - mu) / sigma^2 / rows (ratio 1)
@@ -194,13 +192,43 @@ def test_custom_reward_by_dotted_path_reaches_the_loss(tmp_path, monkeypatch):
     gen = trainer._last_generation
     expected_dmu = -(out["advantages"].unsqueeze(1) * (gen["actions"] - gen["mu"])).sum(0) / 0.25 / 8
     mu = gen["mu"].clone().requires_grad_(True)
-    from reaemb_trl.crrl_trainer import gaussian_log_prob
-
     manual = clipped_policy_loss(gaussian_log_prob(gen["actions"], mu, 0.5), gaussian_log_prob(gen["actions"], mu, 0.5).detach(),
                                  out["advantages"], 0.2, 0.28)[0].mean()
     manual.backward()
     torch.testing.assert_close(mu.grad.sum(0), expected_dmu, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(loss, manual, atol=1e-6, rtol=1e-5)
+
+
+NON_FINITE_REWARD = textwrap.dedent(
+    '''
+    import math
+
+    def log_of_zero_reward(copy_index, **kwargs):
+        return [-math.inf if c == 1 else (None if c == 2 else 0.5) for c in copy_index]
+    '''
+)
+
+
+def test_non_finite_reward_is_an_error_naming_the_function_and_the_count(tmp_path, monkeypatch):
+    """An inf (a log of 0) would turn every advantage of the batch into 0, the rank reward's signal included, and
+    train on nothing with exit code 0: it is an error instead. None stays TRL's "cannot score this row"."""
+    (tmp_path / "bad_rewards.py").write_text(NON_FINITE_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = config(tmp_path, reward_funcs=["rank", "bad_rewards:log_of_zero_reward"])
+    trainer = CRRLTrainer(tiny_embedder(), args, train_dataset=dataset(), candidates=candidates())
+    trainer.model.train()
+    with pytest.raises(ValueError, match=r"non-finite rewards .* 'log_of_zero_reward' \(2 of 8 rows\).* None"):
+        trainer._generate_and_score_completions(group_rows(["2", "5"], 4))
+
+
+def test_unknown_reward_name_fails_when_the_config_is_built(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, reward_funcs=["rank", "nosuch"])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("CRRLConfig.reward_funcs: unknown reward 'nosuch'")
+    assert "log_softmax" in message and "package.module:function" in message
+    with pytest.raises(ValueError, match="CRRLConfig.reward_funcs: cannot import module 'no_such_module'"):
+        config(tmp_path, reward_funcs=["no_such_module:reward"])
 
 
 def test_training_changes_only_the_thought_module_and_saves(tmp_path):
@@ -236,6 +264,17 @@ def test_config_validation(tmp_path):
     assert (paper.learning_rate, paper.num_generations, paper.epsilon, paper.epsilon_high, paper.beta, paper.num_iterations) == (
         1e-4, 8, 0.2, 0.28, 0.0, 2)
     assert (paper.noise_scale, paper.candidate_num, paper.pos_num, paper.anchor_copy) == (0.1, 10, 1, True)
+
+
+def test_config_warns_about_nothing_it_sets_itself(tmp_path):
+    """TRL's default of the deprecated `gradient_checkpointing` made transformers print a FutureWarning on every
+    CRRL run; the user had nothing to change."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = config(tmp_path)
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
 
 
 def test_training_raises_the_reward_on_a_toy_catalogue(tmp_path):

@@ -187,7 +187,7 @@ def test_encoding_error_names_line(tmp_path):
 def test_convert_with_kcore_and_remap_and_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from reaemb_trl.data.cli import data_app
+    from reaemb_trl.cli.data import data_app
 
     _w(tmp_path / "in" / "x.item", ML_ITEM + "3\tHeat\t1995\tAction\n")
     _w(tmp_path / "in" / "x.inter", "user_id:token\titem_id:token\n" + "a\t1\na\t2\nb\t1\nb\t2\nc\t3\nc\t1\n")

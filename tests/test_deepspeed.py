@@ -7,14 +7,24 @@ partitions every parameter. The LRCL driver trains the tiny backbone for a few s
 of the test items, with ZeRO-3 partitions gathered) and how the parameters are held, then save the final
 checkpoint through the recipes' `finish_training()`. The test then checks that the saved folder loads with
 `ThoughtEmbedder.from_pretrained` into the same embeddings.
+
+What runs: LRCL under deepspeed_zero3.yaml and deepspeed_zero3_offload.yaml (one process) and the partitioning config
+(two); CRRL under the same two (one process), deepspeed_zero2.yaml and the partitioning config (two); both recipes
+under deepspeed_zero2.yaml with one process in tests/test_gpu_check.py. The partitioning config runs with two
+processes only (with one it is the same path in a world of one). The launches start together when the first test
+needs one and share the machine's cores (a one-process launch leaves a core idle), so on two cores two one-process
+launches run side by side.
 """
 
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,7 +42,6 @@ DRIVER = textwrap.dedent(
     """
     import contextlib, json, sys
     import torch
-    sys.path.insert(0, "tests")
     from conftest import ITEMS
     from reaemb_trl import LRCLConfig, LRCLTrainer
     from reaemb_trl.data.canonical import load_items
@@ -90,26 +99,80 @@ ZERO3_NO_PERSISTENCE = {
 }  # fmt: skip
 
 
-def _launch(config: str, out: Path, processes: int, driver: str = DRIVER, args: tuple[str, ...] = ()):
-    script = out.parent / "driver.py"
-    script.write_text(driver)
+# What runs (see the module doc for why these): (config, ZeRO stage, processes)
+LRCL_CASES = [("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1), ("zero3_no_persistence", 3, 2)]
+CRRL_CASES = [("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1), ("deepspeed_zero2.yaml", 2, 2),
+              ("zero3_no_persistence", 3, 2)]  # fmt: skip
+UNEVEN_CASE = ("zero3_no_persistence", 2)
+
+
+def _command(config: str, processes: int, script: Path, args: tuple[str, ...]) -> list[str]:
     if config.endswith(".yaml"):  # a shipped accelerate config
         topology = ["--config_file", str(REPO / "accelerate_configs" / config)]
     else:  # a DeepSpeed JSON config through accelerate's DeepSpeed plugin
-        ds_config = out.parent / "ds_config.json"
+        ds_config = script.parent / "ds_config.json"
         ds_config.write_text(json.dumps(ZERO3_NO_PERSISTENCE))
         topology = ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0",
-           str(script), *args]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # The offload config compiles DeepSpeed's CPUAdam op on first use (minutes on 2 cores); later runs reuse it.
-    timeout = 900 if "offload" in config else 300
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
-        pytest.skip("DeepSpeed's CPU accelerator compiles its ops on first use: needs ninja + a C++ compiler")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    return [sys.executable, "-m", "accelerate.commands.launch", *topology, "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "0",
+            str(script), *args]  # fmt: skip
+
+
+class Launches:
+    """Launches that run side by side, each holding as many of the machine's cores (at most 4) as it has processes,
+    and are killed, launcher and workers together, when the module ends."""
+
+    def __init__(self):
+        self.cores = max(1, min(4, os.cpu_count() or 1))
+        self.free, self.stopped, self.running = self.cores, False, []
+        self.turn = threading.Condition()
+        self.pool = ThreadPoolExecutor(max_workers=8)
+        self.runs: dict[tuple, tuple[Path, Future]] = {}
+
+    def start(self, key: tuple, command: list[str], out: Path, processes: int, timeout: float) -> None:
+        self.runs[key] = (out, self.pool.submit(self._run, command, min(processes, self.cores), timeout))
+
+    def _run(self, command: list[str], cores: int, timeout: float) -> subprocess.CompletedProcess:
+        with self.turn:
+            self.turn.wait_for(lambda: self.stopped or self.free >= cores)
+            if self.stopped:
+                raise RuntimeError("the test module ended before this launch started")
+            self.free -= cores
+            # tests/ on the path for the drivers' `from conftest import ITEMS`
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
+            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)  # fmt: skip
+            self.running.append(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            with self.turn:
+                self.free += cores
+                self.turn.notify_all()
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+    def output(self, *key) -> Path:
+        """The output folder of the launch `key`, once it has ended well."""
+        out, future = self.runs[key]
+        proc = future.result()
+        if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+            pytest.skip("DeepSpeed's CPU accelerator compiles its ops on first use: needs ninja + a C++ compiler")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return out
+
+    def stop(self) -> None:
+        with self.turn:
+            self.stopped = True
+            self.turn.notify_all()
+            for proc in self.running:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_offload(config: str, report: dict) -> None:
@@ -120,21 +183,15 @@ def _check_offload(config: str, report: dict) -> None:
         assert report["offload"][:2] == ["none", "none"], report["offload"]
 
 
-@pytest.mark.parametrize(
-    "config,stage,processes",
-    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1),
-     ("zero3_no_persistence", 3, 1), ("zero3_no_persistence", 3, 2)],
-)  # fmt: skip
+@pytest.mark.parametrize("config,stage,processes", LRCL_CASES)
 def test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embeddings(
-    tmp_path, config, stage, processes
+    launches, config, stage, processes
 ):
     from safetensors.torch import load_file
 
     from reaemb_trl import ThoughtEmbedder
 
-    out = tmp_path / "run"
-    out.mkdir()
-    _launch(config, out, processes, args=(str(out),))
+    out = launches.output("lrcl", config, processes)
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == stage and report["world"] == processes
     assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
@@ -174,7 +231,6 @@ CRRL_DRIVER = textwrap.dedent(
     """
     import contextlib, json, runpy, sys
     import torch
-    sys.path.insert(0, "tests")
     from conftest import ITEMS
     import reaemb_trl.builders as builders
 
@@ -236,6 +292,33 @@ def lrcl_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def launches(request, tmp_path_factory, lrcl_checkpoint):
+    """Starts, at once, the launch of every test of this module that the session runs (`-k` runs fewer)."""
+    kinds = {test_lrcl_under_deepspeed_zero_saves_a_checkpoint_that_exports_the_same_embeddings: "lrcl",
+             test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_saves_a_loadable_folder: "crrl",
+             test_crrl_zero3_rollout_with_different_llm_call_counts_per_rank: "uneven"}  # fmt: skip
+    runs = Launches()
+    for item in request.session.items:
+        kind = kinds.get(getattr(item, "function", None))
+        if kind is None:
+            continue
+        params = getattr(item, "callspec", None)
+        config, processes = (params.params["config"], params.params["processes"]) if params else UNEVEN_CASE
+        out = tmp_path_factory.mktemp(f"{kind}-{config}-{processes}") / "run"
+        out.mkdir()
+        driver, args = {"lrcl": (DRIVER, (str(out),)),
+                        "crrl": (CRRL_DRIVER, _crrl_args(lrcl_checkpoint, out, processes)),
+                        "uneven": (UNEVEN_DRIVER, (str(lrcl_checkpoint), str(out)))}[kind]  # fmt: skip
+        script = out.parent / "driver.py"
+        script.write_text(driver)
+        # The offload config compiles DeepSpeed's CPUAdam op on first use (minutes on 2 cores); later runs reuse it.
+        timeout = 900 if "offload" in config else 600
+        runs.start((kind, config, processes), _command(config, processes, script, args), out, processes, timeout)
+    yield runs
+    runs.stop()
+
+
 def _crrl_args(lrcl: Path, out: Path, processes: int) -> tuple[str, ...]:
     # 4 items x 4 copies per step in all: the global batch (and so the items trained on) is the same for 1 and 2
     # processes. 4 steps = 2 rollouts x 2 policy iterations.
@@ -244,21 +327,15 @@ def _crrl_args(lrcl: Path, out: Path, processes: int) -> tuple[str, ...]:
             "--disable_tqdm", "true")  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "config,stage,processes",
-    [("deepspeed_zero2.yaml", 2, 1), ("deepspeed_zero3.yaml", 3, 1), ("deepspeed_zero3_offload.yaml", 3, 1),
-     ("deepspeed_zero2.yaml", 2, 2), ("deepspeed_zero3.yaml", 3, 2), ("zero3_no_persistence", 3, 2)],
-)  # fmt: skip
+@pytest.mark.parametrize("config,stage,processes", CRRL_CASES)
 def test_crrl_recipe_under_deepspeed_zero_trains_only_the_thought_module_and_saves_a_loadable_folder(
-    tmp_path, lrcl_checkpoint, config, stage, processes
+    launches, lrcl_checkpoint, config, stage, processes
 ):
     from safetensors.torch import load_file
 
     from reaemb_trl import ThoughtEmbedder
 
-    out = tmp_path / "run"
-    out.mkdir()
-    _launch(config, out, processes, driver=CRRL_DRIVER, args=_crrl_args(lrcl_checkpoint, out, processes))
+    out = launches.output("crrl", config, processes)
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == stage and report["world"] == processes
     assert report["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer")
@@ -320,12 +397,10 @@ UNEVEN_DRIVER = textwrap.dedent(
 )
 
 
-def test_crrl_zero3_rollout_with_different_llm_call_counts_per_rank(tmp_path, lrcl_checkpoint):
+def test_crrl_zero3_rollout_with_different_llm_call_counts_per_rank(launches):
     """ZeRO-3 all-gathers a layer's shard inside its forward; ranks that run different numbers of LLM calls in a
     rollout would pair those collectives up wrongly (gloo aborts, NCCL hangs) unless the rollout gathers once."""
-    out = tmp_path / "run"
-    out.mkdir()
-    _launch("zero3_no_persistence", out, 2, driver=UNEVEN_DRIVER, args=(str(lrcl_checkpoint), str(out)))
+    out = launches.output("uneven", *UNEVEN_CASE)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 6 vs 10 prefixes in chunks of 2: 3 vs 5 prefix passes
     assert ranks[0]["unique"] != ranks[1]["unique"], ranks

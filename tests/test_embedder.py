@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import ITEMS, save_tiny_backbone, tiny_causal_lm, tiny_embedder, tiny_tokenizer
+from reaemb_trl.checkpointing import CheckpointError, adapter_weights_file
 from reaemb_trl.embedder import ThoughtEmbedder
 from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
 
@@ -83,6 +84,27 @@ def test_encode_is_independent_of_batch_mates_and_order():
     torch.testing.assert_close(full, reversed_order, atol=1e-5, rtol=1e-5)
     literal = embedder.encode(ITEMS, batch_size=4, method="literal")
     torch.testing.assert_close(full, literal, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_of_no_items_is_empty_and_of_one_item_is_its_vector():
+    embedder = tiny_embedder()
+    for method in ("fast", "literal", "no_thought"):
+        empty = embedder.encode([], method=method)
+        assert empty.shape == (0, 32) and empty.dtype == torch.float32
+    by_module = embedder.encode_with_thought_modules([], {"a": embedder.thought_module})
+    assert {k: v.shape for k, v in by_module.items()} == {"a": (0, 32)}
+    one = embedder.encode([ITEMS[0]])
+    assert one.shape == (1, 32)
+    torch.testing.assert_close(one, embedder.encode(ITEMS)[:1], atol=1e-5, rtol=1e-5)
+    assert embedder.encode([{"title": "Toy Story"}]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("not_an_item_list", [[("title", "Toy Story")], ["Toy Story"], "Toy Story"])
+def test_encode_of_something_that_is_not_a_list_of_items_says_what_an_item_is(not_an_item_list):
+    with pytest.raises(ValueError, match=r"an item is a list of \(key, value\) pairs or a \{key: value\} mapping"):
+        tiny_embedder().encode(not_an_item_list)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        tiny_embedder().encode([ITEMS[0]], batch_size=0)
 
 
 def test_save_then_load_gives_identical_embeddings(tmp_path):
@@ -171,25 +193,6 @@ def test_a_checkpoint_written_before_the_thought_module_rename_loads(tmp_path):
 PRE_RENAME_FINGERPRINT = "sha256:1adf0a30761e09cb766c01e3952d04facb8e75294a04d80876fa5afee002dfd9"
 
 
-def test_a_state_dict_with_the_old_thought_prefix_loads():
-    """`thought.*` keys (a state dict saved while the attribute was called `thought`, bare or under a trainer
-    wrapper's `embedder.` prefix) load into `thought_module`."""
-    from reaemb_trl.lrcl_config import LRCLConfig
-    from reaemb_trl.lrcl_trainer import LRCLModel
-
-    source, target = tiny_embedder(seed=1), tiny_embedder(seed=2)
-    old_keys = {k.replace("thought_module.", "thought.", 1): v for k, v in source.state_dict().items()}
-    assert any(k.startswith("thought.") for k in old_keys) and not any("thought_module" in k for k in old_keys)
-    target.load_state_dict(old_keys)
-    assert all(torch.equal(a, b) for a, b in zip(target.thought_module.state_dict().values(),
-                                                 source.thought_module.state_dict().values()))  # fmt: skip
-    wrapper = LRCLModel(tiny_embedder(seed=3), LRCLConfig(output_dir="unused", use_cpu=True))
-    wrapped_old = {("embedder." + k if k != "temperature" else k): v for k, v in
-                   {**old_keys, "temperature": torch.ones(1)}.items()}  # fmt: skip
-    wrapper.load_state_dict(wrapped_old)
-    torch.testing.assert_close(wrapper.embedder.thought_module.q_proj.weight, source.thought_module.q_proj.weight)
-
-
 def test_thought_token_added_without_shrinking_a_padded_embedding_table():
     model = tiny_causal_lm(vocab=512)  # tokenizer has 400 tokens: the table is padded
     tokenizer = tiny_tokenizer()
@@ -221,9 +224,31 @@ def test_same_adapter_as_holds_across_a_resized_vocabulary(tmp_path):
 
     other = tmp_path / "other"
     loaded.save_pretrained(other)
-    file = loaded.adapter_weights_file(other)
+    file = adapter_weights_file(other)
     weights = load_file(file)
     key = next(k for k in weights if "lora_B" in k)
     weights[key] = weights[key] + 1e-3
     save_file(weights, file)
     assert not loaded.same_adapter_as(other)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other_module"])
+def test_a_damaged_thought_module_file_is_one_clear_error(tmp_path, damage):
+    embedder = tiny_embedder()
+    embedder.save_pretrained(tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / "thought_module.safetensors"
+    if damage == "other_module":  # a readable file with another module's weights
+        from safetensors.torch import save_file
+
+        save_file({"weight": torch.zeros(2, 2)}, file)
+    else:
+        data = file.read_bytes()
+        damaged = {"truncated": data[: len(data) // 2], "garbage": b"not safetensors" * 64, "empty": b""}
+        file.write_bytes(damaged[damage])
+    for load in (lambda: ThoughtEmbedder.from_pretrained(tmp_path / "ckpt"),
+                 lambda: embedder.thought_module_from(tmp_path / "ckpt"),
+                 lambda: embedder.load_trained_state(tmp_path / "ckpt")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=r"thought_module\.safetensors is damaged.*copy the checkpoint") as exc:
+            load()
+        assert str(tmp_path / "ckpt" / "thought_module.safetensors") in str(exc.value)
+        assert "\n" not in str(exc.value)

@@ -11,7 +11,8 @@ from conftest import ASSETS, save_tiny_backbone, tiny_embedder
 from reaemb_trl.cli import app
 from reaemb_trl.data.canonical import read_items
 from reaemb_trl.embedder import ThoughtEmbedder
-from reaemb_trl.export import ExportError, encode_new_items, export_table
+from reaemb_trl.export import encode_new_items, export_table
+from reaemb_trl.export_inputs import ExportError
 from reaemb_trl.item_table import read_table, write_table
 
 OLD = 40  # the table is exported for the first 40 of the 48 catalogue items
@@ -132,9 +133,9 @@ def test_reaemb_encode_cli_failures_are_one_clear_line(tmp_path, exported):
     new_file = _write_items(tmp_path / "new.jsonl", items[OLD:])
     runner = CliRunner()
 
-    def encode(checkpoint, table, items_arg=str(new_file)):
+    def encode(checkpoint, table, items_arg=str(new_file), *extra):
         return runner.invoke(app, ["encode", "--checkpoint", str(checkpoint), "--items", items_arg, "--table",
-                                   str(table), "--output", str(tmp_path / "out.safetensors")])  # fmt: skip
+                                   str(table), "--output", str(tmp_path / "out.safetensors"), *extra])  # fmt: skip
 
     _assert_clean_failure(encode(tmp_path / "ckpt", tmp_path / "missing.safetensors"),
                           f"{tmp_path / 'missing.safetensors'}: file not found", "reaemb export")  # fmt: skip
@@ -144,4 +145,7 @@ def test_reaemb_encode_cli_failures_are_one_clear_line(tmp_path, exported):
     other = tiny_embedder(lora=True, seed=1)
     other.save_pretrained(tmp_path / "other")
     _assert_clean_failure(encode(tmp_path / "other", path), str(tmp_path / "other"), "fingerprint sha256:")
+    for size in ("0", "-1"):
+        _assert_clean_failure(encode(tmp_path / "ckpt", path, str(new_file), "--batch-size", size),
+                              f"--batch-size must be at least 1 (items per forward pass), got {size}")  # fmt: skip
     assert not (tmp_path / "out.safetensors").exists()

@@ -67,7 +67,7 @@ def test_compare_tables_cli_and_report(tmp_path):
     assert paths["plot"].stat().st_size > 0 and "| llm | tail users |" in paths["markdown"].read_text()
     assert json.loads(paths["json"].read_text())["tables"]["id"]["groups"]["all"]["size"] == 80
 
-    from reaemb_trl.evaluation.cli import evaluate_command
+    from reaemb_trl.cli.evaluate import evaluate_command
 
     app = typer.Typer()
     app.command()(evaluate_command)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from reaemb_trl.data import RecDataset, make_item
 from reaemb_trl.evaluation import EvalConfig, full_ranks, holm, leave_one_out, train_and_evaluate, wilcoxon_signed_rank
 from reaemb_trl.evaluation.models import build_model
-from reaemb_trl.evaluation.objectives import (
+from reaemb_trl.evaluation.losses import (
     draw_negatives, first_seen, first_seen_at, full_softmax_loss, proposal_log_q, sampled_softmax_loss,
 )
-from reaemb_trl.evaluation.runner import RankingEvaluator, TrainingBatches, _training_loss, training_targets
+from reaemb_trl.evaluation.ranking import RankingEvaluator
+from reaemb_trl.evaluation.training import TrainingBatches, training_loss, training_targets
 from reaemb_trl.evaluation.significance import default_pairs, paired_tests
 from reaemb_trl.evaluation.split import training_windows
 from reaemb_trl.evaluation.tables import AdapterTable, HybridTable, IDTable, build_table, normalize_table
@@ -218,7 +219,7 @@ def _train_steps(split, spec, mode, steps=3):
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     log_q = proposal_log_q(torch.tensor(split.train_interaction_counts()), "uniform")
     for _, batch in zip(range(steps), TrainingBatches(split, cfg).epoch(rng)):
-        loss = _training_loss(net, batch, cfg, split.num_items, True, log_q, gen)
+        loss = training_loss(net, batch, cfg, split.num_items, True, log_q, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()

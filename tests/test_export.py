@@ -119,6 +119,12 @@ def test_export_cli_failures_are_one_clear_line(tmp_path):
                           f"{tmp_path / 'nope'}' is neither ml-100k nor an existing folder")  # fmt: skip
     (foreign / "items.jsonl").write_text('{"item_id": "a", "attributes": []}\n')
     _assert_clean_failure(export("--data", str(foreign), "--checkpoint", checkpoint), "items.jsonl, line 1")
+    for size in ("0", "-1"):
+        result = export("--data", data, "--checkpoint", checkpoint, "--batch-size", size)
+        _assert_clean_failure(result, f"--batch-size must be at least 1 (items per forward pass), got {size}")
+        assert len(result.output.strip().splitlines()) == 1 and "Loading weights" not in result.output
+    _assert_clean_failure(export("--data", data, "--checkpoint", checkpoint, "--dtype", "fp8"),
+                          "--dtype must be auto, float32, bfloat16 or float16, got 'fp8'")  # fmt: skip
     bad_pooling = export("--data", data, "--backbone", "smollm2", "--pooling", "max")
     assert bad_pooling.exit_code != 0 and "--pooling must be one of mean" in bad_pooling.output
     # --pca is checked against the items and the model's width before any model is loaded

@@ -1,6 +1,9 @@
 """Multi-process export: items are sharded as whole batches of the 1-process order, so 2 processes write the same
 table as 1; each process writes an atomic part tagged with the job's fingerprint, and a rerun reuses the finished
-parts whose fingerprint matches and recomputes the others."""
+parts whose fingerprint matches and recomputes the others.
+
+The parts, the merge and the reuse are checked in this process; one launched run (two processes) checks them all
+together end to end, from a killed run's parts to the PCA table."""
 
 import json
 import os
@@ -13,15 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ASSETS, tiny_embedder
+from conftest import ASSETS, single_threaded, tiny_embedder
 from reaemb_trl.data.canonical import read_items
 from reaemb_trl.export import (
-    export_part,
+    encode_part,
     export_table,
     merge_parts,
     part_path,
     parts_dir,
     shard_rows,
+    table_encoder,
     table_export_job,
 )
 from reaemb_trl.item_table import new_table, read_table
@@ -32,15 +36,11 @@ BATCH = 8  # 48 items: 6 batches, 3 per process
 SENTINEL = 7.0  # no encoder gives this vector: rows that hold it were not recomputed
 
 
-def _single_threaded(function):
-    """Run as one launched process does (OMP_NUM_THREADS=1): CPU kernels can split sums differently per thread
-    count, and the identity claim is for the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function()
-    finally:
-        torch.set_num_threads(threads)
+def _write_part(embedder, items, output: Path, rank: int, batch_size: int = BATCH) -> Path:
+    """Process `rank`'s part of a 2-process `reaemb export --dtype float32` (reused when a finished one exists)."""
+    job = table_export_job(embedder, items, without_thought=False, batch_size=batch_size, dtype=None, world_size=2)
+    encode = table_encoder(embedder, without_thought=False, batch_size=batch_size, dtype=None)
+    return encode_part(embedder, items, encode, output=output, job=job, rank=rank, progress=False)
 
 
 def _part(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -69,13 +69,12 @@ def test_parts_of_two_processes_merge_into_the_one_process_table(tmp_path):
     embedder = tiny_embedder(lora=True)
     items = read_items(CATALOG)
     output = tmp_path / "t.safetensors"
-    kwargs = dict(world_size=2, batch_size=BATCH, dtype="float32", progress=False)
     # rank 1 first: the merge must not depend on the order the parts were finished in
     for rank in (1, 0):
-        _single_threaded(lambda: export_part(embedder, items, output, rank=rank, **kwargs))
+        single_threaded(lambda: _write_part(embedder, items, output, rank))
     job = table_export_job(embedder, items, without_thought=False, batch_size=BATCH, dtype=None, world_size=2)
     merged = merge_parts(output, items, job)["table"]
-    single = _single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
+    single = single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
     assert torch.equal(merged, single)  # the same batches: the same bits
     shares = [json.loads(_part(part_path(output, rank, 2))[1]["item_ids"]) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 24 and not set(shares[0]) & set(shares[1])  # none encoded twice
@@ -85,74 +84,57 @@ def test_a_finished_part_is_reused_and_a_stale_or_damaged_one_recomputed(tmp_pat
     embedder = tiny_embedder()
     items = read_items(CATALOG)
     output = tmp_path / "t.safetensors"
-    kwargs = dict(rank=0, world_size=2, batch_size=BATCH, dtype="float32", progress=False)
-    path = export_part(embedder, items, output, **kwargs)
+    path = _write_part(embedder, items, output, rank=0)
     _overwrite_rows(path, SENTINEL)
-    export_part(embedder, items, output, **kwargs)  # same job: kept as it is
+    _write_part(embedder, items, output, rank=0)  # same job: kept as it is
     assert (_part(path)[0]["embeddings.table"] == SENTINEL).all()
-    export_part(embedder, items, output, **{**kwargs, "batch_size": 4})  # another job: another fingerprint
+    _write_part(embedder, items, output, rank=0, batch_size=4)  # another job: another fingerprint
     assert not (_part(path)[0]["embeddings.table"] == SENTINEL).any()
     _overwrite_rows(path, SENTINEL, export_job="sha256:stale")
-    export_part(embedder, items, output, **{**kwargs, "batch_size": 4})
+    _write_part(embedder, items, output, rank=0, batch_size=4)
     assert not (_part(path)[0]["embeddings.table"] == SENTINEL).any()
     path.write_bytes(b"killed mid-copy")  # not something we write, but never trusted
-    export_part(embedder, items, output, **{**kwargs, "batch_size": 4})
+    _write_part(embedder, items, output, rank=0, batch_size=4)
     assert _part(path)[0]["embeddings.table"].shape == (24, 32)
     # a 1-process export writes no parts and clears ones left behind
     export_table(embedder, items, output, source="t", batch_size=BATCH, dtype="float32", progress=False)
     assert not parts_dir(output).exists() and read_table(output).item_ids == [i["item_id"] for i in items]
 
 
-def _run(command: list[str], threads: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
-def test_reaemb_export_with_two_processes_writes_the_one_process_table(tmp_path):
+def test_reaemb_export_with_two_processes_resumes_a_killed_run_and_writes_the_one_process_table(tmp_path):
+    """`--num-processes 2` runs `accelerate launch -m reaemb_trl.cli export`, the documented direct launch, so this
+    one run covers both. A killed run left two parts: rank 0's finished (kept) and rank 1's from another job
+    (recomputed); the table is PCA-reduced, fitted on the merged rows."""
     embedder = tiny_embedder(lora=True)
     embedder.save_pretrained(tmp_path / "ckpt")
     items = read_items(CATALOG)
-    output = tmp_path / "two.safetensors"
+    output = tmp_path / "t.safetensors"
+    kept = _overwrite_rows(_write_part(embedder, items, output, rank=0), SENTINEL)
+    stale = _overwrite_rows(_write_part(embedder, items, output, rank=1), SENTINEL, "sha256:stale")
     proc = _run([sys.executable, "-m", "reaemb_trl.cli", "export", "--data", str(CATALOG), "--checkpoint",
                  str(tmp_path / "ckpt"), "--output", str(output), "--batch-size", str(BATCH), "--dtype", "float32",
-                 "--num-processes", "2"])  # fmt: skip
+                 "--num-processes", "2", "--pca", "4"])  # fmt: skip
+    assert f"reusing the finished part {part_path(output, 0, 2)}" in proc.stderr
     assert f"wrote {len(items)} item embeddings" in proc.stdout and proc.stdout.count("wrote") == 1
+    ids = [i["item_id"] for i in items]
+    # What one process computes, with the kept part's rows as that part holds them: the same bits, PCA included.
+    raw = single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
+    rows = {item_id: row for row, item_id in enumerate(ids)}
+    raw[[rows[i] for i in kept]] = SENTINEL
+    expected = single_threaded(lambda: new_table(raw, ids, {}, pca=4))
     table = read_table(output)
-    single = _single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
-    assert table.item_ids == [i["item_id"] for i in items]  # catalogue order
-    assert torch.equal(table.embeddings, single)
+    assert table.item_ids == ids and table.metadata["pca"] == 4  # catalogue order
+    assert torch.equal(table.pca_mean, expected.pca_mean) and torch.equal(table.embeddings, expected.embeddings)
+    # ... so the stale part's rows were recomputed (its sentinel rows are not in `raw`) and the kept ones reused
+    assert len(kept) == len(stale) == 24 and not set(kept) & set(stale)
     assert table.metadata["fingerprint"] == read_table(
         export_table(embedder, items, tmp_path / "one.safetensors", source="t", dtype="float32", progress=False)
     ).metadata["fingerprint"]
     assert not parts_dir(output).exists()  # merged, then removed
-
-
-def test_accelerate_launch_resumes_from_finished_parts_and_fits_pca_on_the_merged_table(tmp_path):
-    embedder = tiny_embedder()
-    embedder.save_pretrained(tmp_path / "ckpt")
-    items = read_items(CATALOG)
-    output = tmp_path / "t.safetensors"
-    # A killed run left two parts: rank 0's finished (kept), rank 1's from another job (recomputed).
-    kwargs = dict(world_size=2, batch_size=BATCH, dtype="float32", progress=False)
-    kept = _overwrite_rows(export_part(embedder, items, output, rank=0, **kwargs), SENTINEL)
-    stale = _overwrite_rows(export_part(embedder, items, output, rank=1, **kwargs), SENTINEL, "sha256:stale")
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", "0", "-m", "reaemb_trl.export_cli", "--data", str(CATALOG),
-                 "--checkpoint", str(tmp_path / "ckpt"), "--output", str(output), "--batch-size", str(BATCH),
-                 "--dtype", "float32", "--pca", "4"])  # fmt: skip
-    assert f"reusing the finished part {part_path(output, 0, 2)}" in proc.stderr
-    raw = _single_threaded(lambda: embedder.encode([i["attributes"] for i in items], batch_size=BATCH))
-    ids = [i["item_id"] for i in items]
-    rows = {item_id: row for row, item_id in enumerate(ids)}
-    raw[[rows[i] for i in kept]] = SENTINEL
-    expected = new_table(raw, ids, {}, pca=4)
-    table = read_table(output)
-    assert table.metadata["pca"] == 4 and table.item_ids == ids
-    torch.testing.assert_close(table.pca_mean, expected.pca_mean)
-    # PCA of the merged rows (the kept sentinel rows included) reproduces them through the stored projection
-    torch.testing.assert_close(table.project(raw), table.embeddings, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(table.embeddings.abs(), expected.embeddings.abs(), atol=1e-4, rtol=1e-4)
-    assert len(stale) == 24 and not parts_dir(output).exists()

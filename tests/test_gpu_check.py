@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 RUNS = {"lrcl_single": ("single_gpu.yaml", 20, 5), "lrcl_zero2": ("deepspeed_zero2.yaml", 20, 5),
         "crrl_single": ("single_gpu.yaml", 10, 2), "crrl_zero2": ("deepspeed_zero2.yaml", 10, 2)}  # fmt: skip
@@ -24,7 +23,7 @@ RUNS = {"lrcl_single": ("single_gpu.yaml", 20, 5), "lrcl_zero2": ("deepspeed_zer
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--output", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--tiny", "--output", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     if proc.returncode != 0 and "ninja" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("DeepSpeed's CPU accelerator compiles its shm comm op on first use: needs ninja + a C++ compiler")
@@ -73,6 +72,8 @@ def test_recipe_runs_train_save_and_reload(tiny_run, name):
     assert run["trainable"] == 6 if name.startswith("crrl") else run["trainable"] > 6
     if "zero2" in name:
         assert run["holding"]["wrapper"] == "DeepSpeedEngine" and run["holding"]["zero_stage"] == 2, run["holding"]
+        # ZeRO-2 with one process is tested here only (tests/test_deepspeed.py runs it with two)
+        assert run["holding"]["optimizer"] == "DeepSpeedZeroOptimizer", run["holding"]
     else:
         assert "zero_stage" not in run["holding"], run["holding"]
     # the saved folder reloads to the live model: same tensors, same embeddings
@@ -102,7 +103,7 @@ def test_markdown_summary_holds_every_section(tiny_run):
 
 # ---- the summary's logic, without running anything ----------------------------------------------------------------
 def test_targets_are_judged_only_on_a_gpu_run():
-    from gpu_check_report import evaluate_targets
+    from benchmarks.gpu_check_report import evaluate_targets
 
     sections = {
         "lrcl_bench": {"status": "ok", "rows": [{"path": "literal", "step_ms": 260.0},
@@ -125,8 +126,8 @@ def test_targets_are_judged_only_on_a_gpu_run():
 
 
 def test_printed_tables_parse_back_and_unknown_options_are_dropped(capsys):
-    from common import parse_table, print_table
-    from gpu_check import known_options, number
+    from benchmarks.common import parse_table, print_table
+    from benchmarks.gpu_check import known_options, number
 
     print("CRRL step | tiny | CPU")
     print_table([{"path": "literal", "step_ms": "892", "vs_literal": "1.00x"},

@@ -88,19 +88,24 @@ def test_missing_and_damaged_files_are_table_errors(tmp_path):
         read_table(damaged)
 
 
-def test_writes_are_atomic_and_leave_nothing_behind_on_failure(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt("received signal SIGTERM")])
+def test_writes_are_atomic_and_leave_nothing_behind_on_failure(tmp_path, monkeypatch, failure):
     import safetensors.torch
 
     path = write_table(tmp_path / "t.safetensors", torch.ones(2, 2), ["a", "b"], {})
     before = path.read_bytes()
+    written = []
 
     def broken_save(tensors, filename, metadata=None):
+        written.append(filename)
         open(filename, "wb").write(b"half a file")
-        raise OSError("disk full")
+        raise failure
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(type(failure)):
         write_table(path, torch.zeros(2, 2), ["a", "b"], {})
+    # the project's own temporary file, in the target folder: `.<name>.<random>.tmp`
+    assert written[0].parent == tmp_path and written[0].name.startswith(".t.safetensors.") and written[0].suffix == ".tmp"
     assert path.read_bytes() == before  # the old table is intact
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary file left
 

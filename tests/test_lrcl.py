@@ -9,7 +9,7 @@ import torch
 from conftest import ASSETS, tiny_embedder
 from reaemb_trl import ItemPromptFormatter, LRCLConfig, LRCLTrainer
 from reaemb_trl.data.canonical import load_items
-from reaemb_trl.losses import contrastive_loss
+from reaemb_trl.lrcl_loss import contrastive_loss
 from reaemb_trl.lrcl_trainer import draw_views
 
 
@@ -161,3 +161,40 @@ def test_cosine_with_a_low_learnable_temperature_learns(tmp_path):
     assert temperature != pytest.approx(0.05, abs=1e-6) and temperature > args.min_temperature
     assert history[-1]["temperature"] == pytest.approx(temperature, rel=0.05)
     assert {"positive_cosine", "accuracy", "loss_x_to_y"} <= set(history[-1])
+
+
+@pytest.mark.parametrize("overrides", [dict(per_device_train_batch_size=1),
+                                       dict(per_device_train_batch_size=1, gradient_accumulation_steps=8)])
+def test_one_row_per_contrastive_batch_is_refused_naming_the_field(tmp_path, overrides):
+    """With one row there are no in-batch negatives: the loss and its gradient are 0, so training would learn nothing
+    and still exit 0."""
+    items = load_items(ASSETS / "tiny_catalog")
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size=1 gives 1 row\(s\) per contrastive batch.*>= 2"):
+        LRCLTrainer(tiny_embedder(), _toy_args(tmp_path, **overrides), train_dataset=items)
+    with pytest.raises(ValueError, match=r"train_dataset has 1 item\(s\)"):
+        LRCLTrainer(tiny_embedder(), _toy_args(tmp_path), train_dataset=items.select(range(1)))
+
+
+def test_training_emits_no_deprecation_warning_and_saves_its_config_as_json(tmp_path):
+    """No FutureWarning about gradient/activation checkpointing from our calls (or peft's, which we make) in a run
+    with `gradient_checkpointing` on; every save writes training_config.json, which gives the arguments back."""
+    import dataclasses
+    import json
+    import warnings
+
+    items = load_items(ASSETS / "tiny_catalog").select(range(8))
+    fields = {f.name for f in dataclasses.fields(LRCLConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = _toy_args(tmp_path, max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+                     **{checkpointing: True})  # fmt: skip (transformers 5.24 renamed the field)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = LRCLTrainer(tiny_embedder(), args, train_dataset=items)
+        trainer.train()
+    noise = [str(w.message) for w in caught
+             if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]  # fmt: skip
+    assert not noise, noise
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "training_config.json").read_text())
+    assert saved == json.loads(json.dumps(args.to_dict()))
+    init = {f.name for f in dataclasses.fields(LRCLConfig) if f.init}
+    assert LRCLConfig(**{k: v for k, v in saved.items() if k in init}).to_dict() == args.to_dict()

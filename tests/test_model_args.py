@@ -1,12 +1,12 @@
 """ModelArguments: one set of backbone / prompt / pooling / LoRA fields shared by LRCLConfig and CRRLConfig, with the
-same defaults as before, parsed by TrlParser, and a clear error for the renamed `max_prompt_length`."""
+same defaults as before, parsed by TrlParser, and the backbone embedder they describe."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import fields
 
 import pytest
+import torch
 
 from reaemb_trl.builders import DataArguments
 from reaemb_trl.crrl_config import CRRLConfig
@@ -63,26 +63,17 @@ def test_trl_parser_reads_the_model_fields(config_class, tmp_path):
 
 
 @pytest.mark.parametrize("config_class", [LRCLConfig, CRRLConfig])
-def test_the_old_max_prompt_length_key_fails_naming_the_new_one(config_class, tmp_path, monkeypatch):
-    from reaemb_trl.preflight import parse_recipe_args
+def test_backbone_embedder_is_the_named_backbone_with_these_fields_and_no_lora(config_class):
+    from conftest import ASSETS
+    from reaemb_trl.lrcl_trainer import build_embedder
 
-    config = tmp_path / "old.yaml"
-    config.write_text("max_prompt_length: 96\nuse_cpu: true\n")
-    for argv in (["--config", str(config)], ["--max_prompt_length", "96"], ["--max_prompt_length=96"]):
-        monkeypatch.setattr(sys, "argv", ["recipe.py", *argv, "--output_dir", str(tmp_path)])
-        with pytest.raises(SystemExit) as exc:
-            parse_recipe_args(DataArguments, config_class)
-        message = str(exc.value.code)
-        assert message.startswith("error: ") and "`max_prompt_length` was renamed to `max_item_tokens`" in message
-    monkeypatch.setattr(sys, "argv", ["recipe.py", "--max_item_tokens", "96", "--output_dir", str(tmp_path),
-                                      "--use_cpu", "true"])  # fmt: skip
-    assert parse_recipe_args(DataArguments, config_class)[1].max_item_tokens == 96
-
-
-def test_quickstart_settings_with_the_old_key_fail_naming_the_new_one(tmp_path):
-    from reaemb_trl.quickstart import QuickstartSettings
-
-    settings = tmp_path / "q.yaml"
-    settings.write_text("lrcl:\n  max_prompt_length: 96\n")
-    with pytest.raises(ValueError, match=r"lrcl: `max_prompt_length` was renamed to `max_item_tokens`"):
-        QuickstartSettings.from_yaml(settings)
+    args = config_class(output_dir="unused", use_cpu=True, model_name_or_path=str(ASSETS / "tiny-llama"),
+                        pooling="item_mean", max_item_tokens=96, max_value_chars=20, thought_rope_base=500.0,
+                        model_dtype="float64")  # fmt: skip
+    embedder = args.backbone_embedder()
+    assert embedder.backbone == str((ASSETS / "tiny-llama").resolve()) and not embedder.has_adapter
+    assert (embedder.pooling, embedder.formatter) == ("item_mean", args.prompt_formatter())
+    assert embedder.thought_module.rope_base == 500.0 and embedder.model.dtype == torch.float64
+    if config_class is LRCLConfig:  # LRCL's start: the same backbone, then LoRA
+        lrcl = build_embedder(args)
+        assert lrcl.has_adapter and lrcl.formatter == embedder.formatter

@@ -1,4 +1,4 @@
-"""The package surface: lazy exports that `dir()` shows, deprecated names that still work."""
+"""The package surface: lazy exports that `dir()` shows, doc pointers that name existing sections."""
 
 from __future__ import annotations
 
@@ -16,17 +16,6 @@ def test_dir_lists_the_lazy_public_names():
         assert getattr(reaemb_trl, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         reaemb_trl.nope  # noqa: B018
-
-
-def test_load_rec_dataset_is_deprecated_but_works(tmp_path):
-    from conftest import ITEMS
-    from reaemb_trl.data import RecDataset, load_rec_dataset
-    from reaemb_trl.data.canonical import make_item, write_dataset
-
-    write_dataset(tmp_path / "d", [make_item(str(i), a) for i, a in enumerate(ITEMS)], {"u": ["0", "1"]}, "test")
-    with pytest.warns(DeprecationWarning, match=r"RecDataset\.load"):
-        dataset = load_rec_dataset(tmp_path / "d")
-    assert isinstance(dataset, RecDataset) and dataset.sequences == {"u": ["0", "1"]}
 
 
 def test_references_to_doc_sections_name_existing_sections():

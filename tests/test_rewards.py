@@ -1,6 +1,6 @@
-"""CRRL reward functions on hand-computed cases."""
+"""CRRL reward functions and similarities on hand-computed cases; the reward keyword contract."""
 
-import json
+import dataclasses
 import math
 
 import pytest
@@ -8,14 +8,16 @@ import torch
 
 from reaemb_trl.rewards import (
     CollaborativeTable,
+    RewardInputs,
     collaborative_agreement_reward,
+    log_softmax_reward,
     multi_positive_rank_reward,
     positive_ranks,
     rank_reward,
     resolve_reward,
     softmax_reward,
-    log_softmax_reward,
 )
+from reaemb_trl.similarity import SIMILARITIES, similarity_matrix
 
 
 def test_rank_reward_hand_computed():
@@ -105,12 +107,52 @@ def test_collaborative_agreement_reward(tmp_path):
         collaborative_agreement_reward(similarities=sims, item_ids=["a"] * 4, candidate_ids=[["b", "c", "d"]] * 4)
 
 
+def test_collaborative_agreement_centres_the_table_for_centred_cosine():
+    """The table's similarities are of the same kind as the embedding's: centred cosine centres on the table's
+    mean row (it was a dot product before)."""
+    embeddings = torch.tensor([[3.0, 1.0], [1.0, 3.0], [2.0, 2.5], [2.0, 1.5]])  # mean row (2, 2)
+    table = CollaborativeTable(["a", "b", "c", "d"], embeddings)
+    centred = torch.nn.functional.normalize(embeddings - embeddings.mean(0), dim=-1)
+    target = centred[1:] @ centred[0]  # a against b, c, d: -1, -0.6, 0.6 (the dot products would rank d first)
+    sims = target.unsqueeze(0).clone()
+    got = collaborative_agreement_reward(similarities=sims, item_ids=["a"], candidate_ids=[["b", "c", "d"]],
+                                         collaborative_table=table, similarity="centered_cosine")
+    assert got[0] == pytest.approx(1.0)
+
+
+def test_similarities_by_hand():
+    items = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    cands = torch.tensor([[[3.0, 4.0], [0.0, -1.0]], [[1.0, 0.0], [2.0, 4.0]]])
+    assert similarity_matrix(items, cands, "dot").tolist() == [[3.0, 0.0], [2.0, 12.0]]
+    cosine = similarity_matrix(items, cands, "cosine")
+    torch.testing.assert_close(cosine, torch.tensor([[0.6, 0.0], [0.5**0.5, 12 / (8**0.5 * 20**0.5)]]))
+    center = torch.tensor([1.0, 1.0])
+    centred = similarity_matrix(items, cands, "centered_cosine", center)
+    torch.testing.assert_close(centred, similarity_matrix(items - center, cands - center, "cosine"))
+    assert SIMILARITIES == ("dot", "cosine", "centered_cosine")
+    with pytest.raises(ValueError, match="center"):
+        similarity_matrix(items, cands, "centered_cosine")
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        similarity_matrix(items, cands, "l2")
+
+
+def test_reward_keywords_are_the_fields_and_the_dataset_columns():
+    tensor = torch.zeros(2, 3)
+    values = {f.name: f.name for f in dataclasses.fields(RewardInputs)}
+    inputs = RewardInputs(**dict(values, similarities=tensor))
+    rows = [{"item_id": "a", "attributes": "x", "similarity": "column"}, {"item_id": "b", "attributes": "y",
+                                                                          "similarity": "column"}]
+    kwargs = inputs.keywords(rows)
+    assert set(kwargs) == set(values) | {"item_id", "attributes"}
+    assert kwargs["attributes"] == ["x", "y"] and kwargs["similarity"] == "similarity"  # a field wins over a column
+    assert kwargs["similarities"] is tensor  # passed, not copied
+
+
 def test_resolve_reward_names_and_dotted_paths():
     assert resolve_reward("rank") is rank_reward
     assert resolve_reward("reaemb_trl.rewards:softmax_reward") is softmax_reward
     assert resolve_reward("reaemb_trl.rewards.softmax_reward") is softmax_reward
-    with pytest.raises(ValueError, match="unknown reward"):
+    with pytest.raises(ValueError, match=r"unknown reward 'nope': use a built-in name \(rank, .*\) or a dotted path"):
         resolve_reward("nope")
     with pytest.raises(ValueError, match="no attribute"):
         resolve_reward("reaemb_trl.rewards:nope")
-    assert json  # noqa: the module is used by CollaborativeTable

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import ASSETS, ITEMS, tiny_embedder
-from reaemb_trl.embedder import MIN_TEMPLATE_TOKENS, ThoughtEmbedder, common_prefix_length
+from reaemb_trl.decoder_io import common_prefix_length
+from reaemb_trl.embedder import MIN_TEMPLATE_TOKENS, ThoughtEmbedder
 from reaemb_trl.prompt import ItemPromptFormatter
 
 
@@ -94,7 +95,7 @@ def test_shared_prefix_states_equal_one_pass_over_whole_rows():
 
 def test_crrl_concatenated_and_selected_prefix_states_give_the_literal_embeddings():
     """CRRL encodes chunks, concatenates them (cat_prefix_states), selects rows and runs only the suffix."""
-    from reaemb_trl.crrl_trainer import cat_prefix_states
+    from reaemb_trl.prefix_store import cat_prefix_states
 
     embedder = trained_like(exact_float64(tiny_embedder("llama", lora=True)))
     ids = embedder.prefix_ids(ITEMS)
@@ -113,7 +114,9 @@ def test_crrl_concatenated_and_selected_prefix_states_give_the_literal_embedding
 def test_no_sharing_under_gradient_checkpointing():
     """Checkpointed layers drop the key/value cache, which the rows would need to read the template."""
     embedder = trained_like(tiny_embedder("llama", lora=True))
-    embedder.model.get_base_model().gradient_checkpointing_enable()
+    base = embedder.model.get_base_model()
+    # transformers >= 5.24 names it activation_checkpointing_enable (the old name warns there)
+    (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
     ids = embedder.prefix_ids(ITEMS)
     embedder.train()
     assert embedder.template_length(ids) == 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -35,6 +35,16 @@ def make_item(item_id, attributes: Iterable[tuple[str, object]]) -> dict:
         if text:
             pairs.append({"key": str(key), "value": text})
     return {"item_id": str(item_id), "attributes": pairs}
+
+
+def id_problem(value: str) -> str | None:
+    """Why an item or user id cannot live in the canonical folder (None when it can): interactions.csv is read
+    line by line, so an id may hold any character but a line break."""
+    if not value:
+        return "is empty"
+    if "\n" in value or "\r" in value:
+        return "contains a line break, which interactions.csv cannot hold"
+    return None
 
 
 def item_has_text(item: Mapping) -> bool:
@@ -107,11 +117,15 @@ def load_items(path: str | Path):
     return Dataset.from_list(read_items(path), features=items_features())
 
 
-def _parse_time(value: str) -> float | None:
+def _parse_time(value: str, file: Path, line: int) -> float | None:
+    """A numeric timestamp, None for another text (such as a date); NaN or inf is an error."""
     try:
-        return float(value)
+        when = float(value)
     except ValueError:
         return None
+    if not math.isfinite(when):
+        raise DataFormatError(file, line, f"timestamp {value!r} is not a finite number", "Fix or remove this line")
+    return when
 
 
 def load_interactions(folder: str | Path, item_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
@@ -153,7 +167,7 @@ def load_interactions(folder: str | Path, item_ids: Iterable[str] | None = None)
                                       "Group rows by user, chronological within each user")
             current, last_time = user, None
             sequences[user] = []
-        when = _parse_time(stamp) if stamp else None
+        when = _parse_time(stamp, file, number) if stamp else None
         if when is not None and last_time is not None and when < last_time:
             raise DataFormatError(file, number, f"timestamp {stamp} goes back in time for user {user!r}",
                                   "Sort each user's rows chronologically")
@@ -267,13 +281,6 @@ class RecDataset:
         return write_dataset(folder, self.items, self.sequences, self.source_format, timestamps=self.timestamps)
 
 
-def load_rec_dataset(folder: str | Path) -> RecDataset:
-    """Deprecated: use `RecDataset.load(folder)`."""
-    warnings.warn("reaemb_trl.data.load_rec_dataset is deprecated; use reaemb_trl.data.RecDataset.load(folder)",
-                  DeprecationWarning, stacklevel=2)
-    return RecDataset.load(folder)
-
-
 def print_stats(folder: str | Path, tail_user_threshold: int = 10, tail_item_threshold: int = 20) -> DatasetStats:
     stats = RecDataset.load(folder).stats(tail_user_threshold, tail_item_threshold)
     print(render_stats_table(stats, title=str(folder)))
@@ -294,6 +301,8 @@ def _validate_for_write(items: Sequence[Mapping], sequences: Mapping[str, Sequen
         item_id = item.get("item_id")
         if not isinstance(item_id, str) or not item_id:
             raise ValueError(f"item #{index} has no string item_id: {item!r}")
+        if id_problem(item_id):
+            raise ValueError(f"item id {item_id!r} (item #{index}) {id_problem(item_id)}")
         if item_id in seen:
             raise ValueError(f"duplicate item_id {item_id!r} (item #{index})")
         if not item_has_text(item):
@@ -302,6 +311,8 @@ def _validate_for_write(items: Sequence[Mapping], sequences: Mapping[str, Sequen
     for user, seq in sequences.items():
         if not str(user):
             raise ValueError("empty user id")
+        if id_problem(str(user)):
+            raise ValueError(f"user id {user!r} {id_problem(str(user))}")
         for item in seq:
             if item not in seen:
                 raise ValueError(f"user {user!r} interacts with unknown item {item!r}")
@@ -322,11 +333,11 @@ def write_dataset(folder: str | Path, items: Sequence[Mapping], user_sequences: 
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / ITEMS_FILE).exists())):
         raise FileExistsError(f"{folder} exists and is not a canonical dataset folder; choose another --output")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # Named before the `try` and created inside it: no interrupt can land between creating and cleaning up.
+    token = secrets.token_hex(6)
+    tmp, backup = folder.parent / f".{folder.name}.tmp-{token}", folder.parent / f".{folder.name}.old-{token}"
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private (0700); give it normal permissions
+        tmp.mkdir()  # mode 0o777 minus the umask: normal permissions
         with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as handle:
             for item in items:
                 record = {"item_id": item["item_id"],
@@ -343,19 +354,12 @@ def write_dataset(folder: str | Path, items: Sequence[Mapping], user_sequences: 
         stats = compute_stats(items, user_sequences)
         meta = {"source_format": source_format, "stats": stats.as_dict(), **(extra_meta or {})}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        backup = None
         if folder.exists():
-            backup = folder.parent / f".{folder.name}.old-{os.getpid()}"
             os.rename(folder, backup)
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, folder)  # put the previous version back
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
+        os.rename(tmp, folder)
+    finally:  # on success, on any exception, KeyboardInterrupt (and SIGTERM turned into one) included
+        if backup.exists() and not folder.exists():
+            os.rename(backup, folder)  # stopped between the two renames: put the previous version back
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        shutil.rmtree(backup, ignore_errors=True)
     return folder

@@ -2,184 +2,34 @@
 
 Every error is a DataFormatError naming the file, the line and the fix. By default readers are strict:
 an interaction with an unknown item, or with an item that has no text, stops the conversion. With
-``strict=False`` such interactions are dropped and counted (`RecDataset` then excludes them).
+``strict=False`` such interactions are dropped and counted (`RecDataset` then excludes them). Ids must survive the
+canonical folder (`canonical.id_problem`); timestamps must be finite numbers. Raw dumps (Amazon, Yelp) drop exact
+duplicate reviews and repeated metadata records (first wins), as docs/data.md says.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import re
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from reaemb_trl.data.canonical import RecDataset, item_has_text, make_item
+from reaemb_trl.data.canonical import RecDataset, make_item
 from reaemb_trl.data.errors import DataFormatError, iter_text_lines
-
-LENIENT_HINT = "or convert with --lenient to drop such interactions"
-
-
-class _Builder:
-    """Collects items and timestamped interactions, checking ids as they arrive."""
-
-    def __init__(self, strict: bool = True, catalogue_given: bool = True):
-        # catalogue_given: the item file *is* the catalogue (check every item's text at once); for raw
-        # dumps (Amazon, Yelp) with millions of never-used items, only items someone interacted with matter.
-        self.strict, self.catalogue_given = strict, catalogue_given
-        self.items: dict[str, dict] = {}
-        self.textless: dict[str, tuple[str, int]] = {}
-        self.events: dict[str, list[tuple]] = {}
-        self.dropped = 0
-
-    def add_item(self, item: dict, file, line: int, duplicates_ok: bool = False) -> None:
-        item_id = item["item_id"]
-        if item_id in self.items or item_id in self.textless:
-            if duplicates_ok:
-                return  # raw dumps repeat some records; the first one wins
-            raise DataFormatError(file, line, f"duplicate item id {item_id!r}", "Remove the repeated record")
-        if not item_has_text(item):
-            if self.catalogue_given and self.strict:
-                raise DataFormatError(file, line, f"item {item_id!r} has no text (no non-empty attribute)",
-                                      f"Fill in its title or other attributes, {LENIENT_HINT}")
-            self.textless[item_id] = (str(file), line)
-            return
-        self.items[item_id] = item
-
-    def add_event(self, user: str, item: str, time, file, line: int) -> None:
-        if not user:
-            raise DataFormatError(file, line, "empty user id", "Fix or remove this line")
-        if item not in self.items:
-            if self.strict:
-                if item in self.textless:
-                    src, src_line = self.textless[item]
-                    raise DataFormatError(src, src_line, f"item {item!r} has no text but users interact with it "
-                                          f"(e.g. {Path(file).name} line {line})",
-                                          f"Fill in its attributes, {LENIENT_HINT}")
-                raise DataFormatError(file, line, f"unknown item id {item!r} (no such item in the item file)",
-                                      f"Add the item or remove the line, {LENIENT_HINT}")
-            self.dropped += 1
-            return
-        seq = self.events.setdefault(user, [])
-        seq.append((time, len(seq), item))
-
-    def build(self, source_format: str, sort_by_time: bool = True) -> RecDataset:
-        sequences, timestamps, used = {}, {}, set()
-        for user, events in self.events.items():
-            if sort_by_time and all(e[0] is not None for e in events):
-                events = sorted(events, key=lambda e: (e[0], e[1]))  # stable: ties keep file order
-            sequences[user] = [e[2] for e in events]
-            timestamps[user] = [e[0] for e in events]
-            used.update(sequences[user])
-        items = list(self.items.values())
-        if not self.catalogue_given:
-            items = [it for it in items if it["item_id"] in used]
-        if not items or not sequences:
-            raise DataFormatError(source_format, None, "no usable items or interactions were read",
-                                  "Check the input folder and --format")
-        if self.dropped:
-            print(f"[{source_format}] dropped {self.dropped:,} interactions with unknown or text-less items")
-        return RecDataset(items=items, sequences=sequences, source_format=source_format, timestamps=timestamps)
-
-
-# ---------- small helpers ----------
-
-def _find(path: str | Path, patterns: list[str], what: str) -> Path:
-    """Return the one file in folder `path` matching any glob in `patterns` (first pattern that matches)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataFormatError(folder, None, "input must be a folder", f"Pass the folder holding the {what}")
-    for pattern in patterns:
-        hits = sorted(p for p in folder.glob(pattern) if p.is_file())
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise DataFormatError(folder, None, f"several candidate {what}: {[h.name for h in hits]}",
-                                  "Keep only one in the folder")
-    raise DataFormatError(folder, None, f"no {what} found (looked for {patterns})", "Check the folder and --format")
-
-
-def _parse_record(text: str, file, line: int, literal: bool) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if not literal:
-            raise DataFormatError(file, line, f"broken JSON ({exc.msg})", "Fix or remove this line") from None
-        try:  # Amazon 2014 metadata is Python dict literals, not JSON
-            record = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as exc2:
-            raise DataFormatError(file, line, f"neither JSON nor a Python literal ({exc2})",
-                                  "Fix or remove this line") from None
-    if not isinstance(record, dict):
-        raise DataFormatError(file, line, "expected an object per line", "Fix or remove this line")
-    return record
-
-
-def _records(file: Path, literal: bool = False) -> Iterator[tuple[int, dict]]:
-    for line, text in iter_text_lines(file):
-        if text.strip():
-            yield line, _parse_record(text, file, line, literal)
-
-
-def _field(record: dict, key: str, file, line: int):
-    value = record.get(key)
-    if value is None or value == "":
-        raise DataFormatError(file, line, f"missing field {key!r}", "Fix or remove this line")
-    return value
-
-
-def _flat(value) -> str:
-    """Lists (Amazon categories/features/description) become one comma-joined string, duplicates removed."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        parts: list[str] = []
-        for v in value:
-            text = _flat(v)
-            if text and text not in parts:
-                parts.append(text)
-        return ", ".join(parts)
-    return re.sub(r"\s+", " ", str(value)).strip()
-
-
-def _whole_json(file: Path):
-    """Load a whole-file JSON document, turning decode errors into file+line errors."""
-    if not file.is_file():
-        raise DataFormatError(file, None, "file not found", "Check the path")
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(file, raw[: exc.start].count(b"\n") + 1, "not valid UTF-8 text",
-                              "Re-encode the file as UTF-8") from None
-    try:
-        return json.loads(text), text
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(file, exc.lineno, f"broken JSON ({exc.msg})", "Fix the file") from None
-
-
-def _line_of(text: str, needle: str) -> int | None:
-    """Line of the first occurrence of `needle` (to point whole-file JSON errors at a line)."""
-    at = text.find(needle)
-    return None if at < 0 else text.count("\n", 0, at) + 1
-
-
-def _number(value: str, file, line: int, what: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise DataFormatError(file, line, f"{what} {value!r} is not a number", "Fix or remove this line") from None
-
+from reaemb_trl.data.parsing import (
+    DatasetCollector, find_file, finite_number, flat_text, json_records, required_field, whole_json,
+)
 
 # ---------- formats ----------
 
-def read_handled(path: str | Path, strict: bool = True) -> RecDataset:
+def read_handled(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Authors' format: `inter.txt` ("user item" per line, chronological) + `item_info.jsonline`
     ({"input": "<instruction>\\n key is value; key is value", "item_id": ..., "item": ...})."""
     folder = Path(path)
     inter, info = folder / "inter.txt", folder / "item_info.jsonline"
-    b = _Builder(strict)
-    for line, rec in _records(info):
+    b = DatasetCollector("handled", strict, bar=bar)
+    for line, rec in json_records(info):
         item_id = rec.get("item_id", rec.get("item"))
         if item_id is None or item_id == "":
             raise DataFormatError(info, line, "missing item_id (and item)", "Give every line its item id")
@@ -205,44 +55,49 @@ def read_handled(path: str | Path, strict: bool = True) -> RecDataset:
         if len(fields) != 2:
             raise DataFormatError(inter, line, f"expected 'user item', got {text!r}", "Fix or remove this line")
         b.add_event(fields[0], fields[1], None, inter, line)
-    return b.build("handled", sort_by_time=False)
+    return b.build(sort_by_time=False)
 
 
 def _lcrec_files(path: Path) -> tuple[Path, Path]:
     if path.is_file() and path.name.endswith(".inter.json"):
         return path, path.with_name(path.name[: -len(".inter.json")] + ".item.json")
-    inter = _find(path, ["*.inter.json"], "LC-Rec interaction file (X.inter.json)")
+    inter = find_file(path, ["*.inter.json"], "LC-Rec interaction file (X.inter.json)")
     return inter, inter.with_name(inter.name[: -len(".inter.json")] + ".item.json")
 
 
-def read_lcrec(path: str | Path, strict: bool = True) -> RecDataset:
+def read_lcrec(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """LC-Rec / LETTER: `X.inter.json` {user: [items]} and `X.item.json` {item: {title, description, ...}}."""
     inter, item_file = _lcrec_files(Path(path))
-    item_data, item_text = _whole_json(item_file)
+    item_data, item_lines = whole_json(item_file)
     if not isinstance(item_data, dict):
         raise DataFormatError(item_file, 1, "expected an object {item_id: {...}}", "Check the file")
-    b = _Builder(strict)
+    b = DatasetCollector("lcrec", strict, bar=bar)
     keys = list(item_data)
-    if all(k.isdigit() for k in keys):
-        keys.sort(key=int)  # 0-based integer ids: catalogue order = id order
+    if all(k.isdigit() for k in keys):  # 0-based integer ids: catalogue order = id order
+        for key in keys:
+            if not key.isascii():  # a digit int() does not read, such as '²'
+                raise DataFormatError(item_file, item_lines.get(key, 1), f"item key {key!r} is not an integer, unlike "
+                                      "the other keys", "Write LC-Rec item ids as 0-based integers")
+        keys.sort(key=int)
     for key in keys:
         info = item_data[key]
-        line = _line_of(item_text, json.dumps(key)) or 1
+        line = item_lines.get(key, 1)
         if not isinstance(info, dict):
             raise DataFormatError(item_file, line, f"item {key!r} is not an object", "Check the file")
-        pairs = [(k, _flat(info.get(k))) for k in ("title", "description", "brand", "categories")]
-        pairs += [(k, _flat(v)) for k, v in info.items() if k not in ("title", "description", "brand", "categories")]
+        first = ("title", "description", "brand", "categories")
+        pairs = [(k, flat_text(info.get(k))) for k in first]
+        pairs += [(k, flat_text(v)) for k, v in info.items() if k not in first]
         b.add_item(make_item(key, pairs), item_file, line)
-    seqs, inter_text = _whole_json(inter)
+    seqs, user_lines = whole_json(inter)
     if not isinstance(seqs, dict):
         raise DataFormatError(inter, 1, "expected an object {user: [items]}", "Check the file")
     for user, items in seqs.items():
-        line = _line_of(inter_text, json.dumps(user)) or 1
+        line = user_lines.get(user, 1)
         if not isinstance(items, list):
             raise DataFormatError(inter, line, f"user {user!r}: expected a list of items", "Check the file")
         for item in items:
             b.add_event(str(user), str(item), None, inter, line)
-    return b.build("lcrec", sort_by_time=False)
+    return b.build(sort_by_time=False)
 
 
 # RecBole ml-* field names -> the attribute keys the prompt uses (title, year, genres; docs/method.md,
@@ -266,12 +121,12 @@ def _atomic_rows(file: Path) -> Iterator[tuple[int, dict[str, str]]]:
         yield line, dict(zip(names, cols))
 
 
-def read_recbole(path: str | Path, strict: bool = True) -> RecDataset:
+def read_recbole(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """RecBole atomic files `X.inter` (user_id, item_id, [timestamp]) and `X.item` (item_id + text fields)."""
     path = Path(path)
-    inter = path if path.suffix == ".inter" else _find(path, ["*.inter"], "RecBole .inter file")
+    inter = path if path.suffix == ".inter" else find_file(path, ["*.inter"], "RecBole .inter file")
     item_file = inter.with_suffix(".item")
-    b = _Builder(strict)
+    b = DatasetCollector("recbole", strict, bar=bar)
     for line, row in _atomic_rows(item_file):
         if "item_id" not in row:
             raise DataFormatError(item_file, 1, "header has no item_id field", "Use RecBole's item_id:token")
@@ -281,9 +136,9 @@ def read_recbole(path: str | Path, strict: bool = True) -> RecDataset:
         if "user_id" not in row or "item_id" not in row:
             raise DataFormatError(inter, 1, "header needs user_id and item_id", "Use RecBole's typed header")
         stamp = row.get("timestamp")
-        when = _number(stamp, inter, line, "timestamp") if stamp not in (None, "") else None
+        when = finite_number(stamp, inter, line, "timestamp") if stamp not in (None, "") else None
         b.add_event(row["user_id"], row["item_id"], when, inter, line)
-    return b.build("recbole")
+    return b.build()
 
 
 _ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -291,11 +146,11 @@ _ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "
                   "Thriller", "War", "Western"]
 
 
-def read_movielens(path: str | Path, strict: bool = True) -> RecDataset:
+def read_movielens(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Raw MovieLens: ml-100k (`u.data` + `u.item`, '|' separated, latin-1) or ml-1m (`ratings.dat` +
     `movies.dat`, '::' separated, latin-1). Attributes: title, year, genres."""
     folder = Path(path)
-    b = _Builder(strict)
+    b = DatasetCollector("movielens", strict, bar=bar)
     if (folder / "u.data").is_file():
         item_file, inter, sep = folder / "u.item", folder / "u.data", "\t"
         genres = list(_ML100K_GENRES)
@@ -333,12 +188,12 @@ def read_movielens(path: str | Path, strict: bool = True) -> RecDataset:
         cols = text.split(sep)
         if len(cols) != 4:
             raise DataFormatError(inter, line, "expected user, item, rating, timestamp", "Fix or remove this line")
-        b.add_event(cols[0], cols[1], _number(cols[3], inter, line, "timestamp"), inter, line)
-    return b.build("movielens")
+        b.add_event(cols[0], cols[1], finite_number(cols[3], inter, line, "timestamp"), inter, line)
+    return b.build()
 
 
 def _amazon_files(path: Path) -> tuple[Path, Path]:
-    meta = _find(path, ["meta*.json", "meta*.json.gz", "meta*.jsonl", "meta*.jsonl.gz"], "metadata file (meta_*)")
+    meta = find_file(path, ["meta*.json", "meta*.json.gz", "meta*.jsonl", "meta*.jsonl.gz"], "metadata file (meta_*)")
     candidates = [p for pattern in ("*.json", "*.json.gz", "*.jsonl", "*.jsonl.gz") for p in path.glob(pattern)
                   if p.is_file() and not p.name.startswith("meta")]
     if len(candidates) != 1:
@@ -347,86 +202,80 @@ def _amazon_files(path: Path) -> tuple[Path, Path]:
     return candidates[0], meta
 
 
-def _read_amazon_old(path: str | Path, strict: bool, version: str) -> RecDataset:
+def _read_amazon_old(path: str | Path, strict: bool, version: str, bar) -> RecDataset:
     reviews, meta = _amazon_files(Path(path))
-    b = _Builder(strict, catalogue_given=False)
-    for line, rec in _records(meta, literal=True):
-        asin = _field(rec, "asin", meta, line)
+    b = DatasetCollector(version, strict, catalogue_given=False, bar=bar)
+    for line, rec in json_records(meta, literal=True):
+        asin = required_field(rec, "asin", meta, line)
         if version == "amazon2014":
-            pairs = [("title", rec.get("title")), ("categories", _flat(rec.get("categories"))),
+            pairs = [("title", rec.get("title")), ("categories", flat_text(rec.get("categories"))),
                      ("brand", rec.get("brand")), ("price", rec.get("price")),
-                     ("description", _flat(rec.get("description")))]
+                     ("description", flat_text(rec.get("description")))]
         else:
-            pairs = [("title", rec.get("title")), ("categories", _flat(rec.get("category"))),
+            pairs = [("title", rec.get("title")), ("categories", flat_text(rec.get("category"))),
                      ("brand", rec.get("brand")), ("price", rec.get("price")),
-                     ("features", _flat(rec.get("feature"))), ("description", _flat(rec.get("description")))]
-        b.add_item(make_item(asin, [(k, _flat(v)) for k, v in pairs]), meta, line, duplicates_ok=True)
-    seen = set()
-    for line, rec in _records(reviews, literal=True):
-        user, item = _field(rec, "reviewerID", reviews, line), _field(rec, "asin", reviews, line)
-        when = _number(str(_field(rec, "unixReviewTime", reviews, line)), reviews, line, "unixReviewTime")
-        if (user, item, when) in seen:
-            continue  # the dumps contain exact duplicate reviews
-        seen.add((user, item, when))
-        b.add_event(str(user), str(item), when, reviews, line)
-    return b.build(version)
+                     ("features", flat_text(rec.get("feature"))), ("description", flat_text(rec.get("description")))]
+        b.add_item(make_item(asin, [(k, flat_text(v)) for k, v in pairs]), meta, line, duplicates_ok=True)
+    for line, rec in json_records(reviews, literal=True):
+        user, item = required_field(rec, "reviewerID", reviews, line), required_field(rec, "asin", reviews, line)
+        when = finite_number(str(required_field(rec, "unixReviewTime", reviews, line)), reviews, line, "unixReviewTime")
+        b.add_review(str(user), str(item), when, reviews, line)
+    return b.build()
 
 
-def read_amazon2014(path: str | Path, strict: bool = True) -> RecDataset:
+def read_amazon2014(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Amazon 2014: 5-core reviews (JSON lines) + metadata (Python-literal dicts) in one folder."""
-    return _read_amazon_old(path, strict, "amazon2014")
+    return _read_amazon_old(path, strict, "amazon2014", bar)
 
 
-def read_amazon2018(path: str | Path, strict: bool = True) -> RecDataset:
+def read_amazon2018(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Amazon 2018: 5-core reviews (JSON lines) + metadata (JSON lines) in one folder."""
-    return _read_amazon_old(path, strict, "amazon2018")
+    return _read_amazon_old(path, strict, "amazon2018", bar)
 
 
-def read_amazon2023(path: str | Path, strict: bool = True) -> RecDataset:
+def read_amazon2023(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Amazon 2023: reviews jsonl (user_id, parent_asin, timestamp ms) + meta jsonl (parent_asin, title, ...)."""
     reviews, meta = _amazon_files(Path(path))
-    b = _Builder(strict, catalogue_given=False)
-    for line, rec in _records(meta):
-        asin = _field(rec, "parent_asin", meta, line)
+    b = DatasetCollector("amazon2023", strict, catalogue_given=False, bar=bar)
+    for line, rec in json_records(meta):
+        asin = required_field(rec, "parent_asin", meta, line)
         price = rec.get("price")
         pairs = [("title", rec.get("title")),
-                 ("categories", _flat(rec.get("categories")) or _flat(rec.get("main_category"))),
+                 ("categories", flat_text(rec.get("categories")) or flat_text(rec.get("main_category"))),
                  ("brand", rec.get("store")), ("price", None if price in (None, "None") else price),
-                 ("features", _flat(rec.get("features"))), ("description", _flat(rec.get("description")))]
-        b.add_item(make_item(asin, [(k, _flat(v)) for k, v in pairs]), meta, line, duplicates_ok=True)
-    seen = set()
-    for line, rec in _records(reviews):
-        user, item = _field(rec, "user_id", reviews, line), _field(rec, "parent_asin", reviews, line)
-        when = _number(str(_field(rec, "timestamp", reviews, line)), reviews, line, "timestamp")
-        if (user, item, when) in seen:
-            continue
-        seen.add((user, item, when))
-        b.add_event(str(user), str(item), when, reviews, line)
-    return b.build("amazon2023")
+                 ("features", flat_text(rec.get("features"))), ("description", flat_text(rec.get("description")))]
+        b.add_item(make_item(asin, [(k, flat_text(v)) for k, v in pairs]), meta, line, duplicates_ok=True)
+    for line, rec in json_records(reviews):
+        user, item = required_field(rec, "user_id", reviews, line), required_field(rec, "parent_asin", reviews, line)
+        when = finite_number(str(required_field(rec, "timestamp", reviews, line)), reviews, line, "timestamp")
+        b.add_review(str(user), str(item), when, reviews, line)
+    return b.build()
 
 
-def read_yelp(path: str | Path, strict: bool = True) -> RecDataset:
+def read_yelp(path: str | Path, strict: bool = True, bar=None) -> RecDataset:
     """Yelp Open Dataset: business JSON lines (name, categories, city, stars) + review JSON lines."""
     folder = Path(path)
-    business = _find(folder, ["*business.json", "*business*.json"], "Yelp business file")
-    reviews = _find(folder, ["*review.json", "*review*.json"], "Yelp review file")
-    b = _Builder(strict, catalogue_given=False)
-    for line, rec in _records(business):
+    business = find_file(folder, ["*business.json", "*business*.json"], "Yelp business file")
+    reviews = find_file(folder, ["*review.json", "*review*.json"], "Yelp review file")
+    b = DatasetCollector("yelp", strict, catalogue_given=False, bar=bar)
+    for line, rec in json_records(business):
         pairs = [("name", rec.get("name")), ("categories", rec.get("categories")), ("city", rec.get("city")),
                  ("stars", rec.get("stars"))]
-        b.add_item(make_item(_field(rec, "business_id", business, line), [(k, _flat(v)) for k, v in pairs]),
-                   business, line)
-    for line, rec in _records(reviews):
-        date = str(_field(rec, "date", reviews, line))
+        business_id = required_field(rec, "business_id", business, line)
+        b.add_item(make_item(business_id, [(k, flat_text(v)) for k, v in pairs]), business, line, duplicates_ok=True)
+    for line, rec in json_records(reviews):
+        date = str(required_field(rec, "date", reviews, line))
         try:
             when = datetime.fromisoformat(date).replace(tzinfo=timezone.utc).timestamp()
         except ValueError:
             raise DataFormatError(reviews, line, f"date {date!r} is not 'YYYY-MM-DD HH:MM:SS'",
                                   "Fix or remove this line") from None
-        b.add_event(str(_field(rec, "user_id", reviews, line)), str(_field(rec, "business_id", reviews, line)),
-                    when, reviews, line)
-    return b.build("yelp")
+        user, item = required_field(rec, "user_id", reviews, line), required_field(rec, "business_id", reviews, line)
+        b.add_review(str(user), str(item), when, reviews, line)
+    return b.build()
 
+
+PROGRESS_DELAY_S = 0.5  # a quick conversion (or a quick error) shows no bar
 
 READERS: dict[str, Callable[..., RecDataset]] = {
     "handled": read_handled,
@@ -440,18 +289,27 @@ READERS: dict[str, Callable[..., RecDataset]] = {
 }
 
 
-def read_dataset(fmt: str, path: str | Path, strict: bool = True) -> RecDataset:
+def read_dataset(fmt: str, path: str | Path, strict: bool = True, progress: bool = False) -> RecDataset:
+    """Read `path` in format `fmt`; `progress` counts the interactions read on a bar (stderr, shown after
+    PROGRESS_DELAY_S). Every reader takes that bar as `bar`."""
+    from tqdm.auto import tqdm
+
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(READERS)}")
-    return READERS[fmt](path, strict=strict)
+    with tqdm(desc=f"reading {fmt}", unit=" interactions", unit_scale=True, file=sys.stderr, disable=not progress,
+              delay=PROGRESS_DELAY_S, mininterval=0.5) as bar:
+        return READERS[fmt](path, strict=strict, bar=bar)
 
 
 def convert(fmt: str, input_path: str | Path, output: str | Path, kcore: int = 0,
-            remap_ids: bool = False, strict: bool = True) -> RecDataset:
-    """Read `input_path` in format `fmt`, optionally k-core filter and remap ids, write the canonical folder."""
+            remap_ids: bool = False, strict: bool = True, progress: bool = False) -> RecDataset:
+    """Read `input_path` in format `fmt`, optionally k-core filter and remap ids, write the canonical folder;
+    `progress`: a bar of the interactions read."""
     from reaemb_trl.data.filtering import kcore as kcore_filter, remap_ids as remap
 
-    dataset = read_dataset(fmt, input_path, strict=strict)
+    if kcore < 0:
+        raise ValueError(f"--kcore must be >= 0 (0: no filtering), got {kcore}")
+    dataset = read_dataset(fmt, input_path, strict=strict, progress=progress)
     if kcore and kcore > 1:
         dataset = kcore_filter(dataset, kcore)
         if not dataset.sequences:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reaemb_trl.evaluation.config import MODELS
+
 
 class _Block(nn.Module):
     """Pre-norm transformer block with an explicit boolean attention mask (True = may attend)."""
@@ -143,9 +145,6 @@ def bert_cloze(seq: torch.Tensor, mask_index: int, mask_prob: float, generator: 
     inputs = seq.masked_fill(masked, mask_index)
     labels = seq.masked_fill(~masked, -100)
     return inputs, labels
-
-
-MODELS = ("sasrec", "gru4rec", "bert4rec")
 
 
 def build_model(name: str, table: nn.Module, num_items: int, hidden: int = 128, max_len: int = 200,

@@ -1,16 +1,25 @@
 """Aggregate runs over seeds, run the paired tests, and write results.json, results.md, ndcg10.png and the
-per-user test ranks (test_ranks.npz)."""
+per-user test ranks (test_ranks.npz) as one set."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 
+from reaemb_trl.evaluation.config import FIXED_TABLES
+from reaemb_trl.evaluation.ensemble import ensemble_parts
+from reaemb_trl.evaluation.significance import default_pairs, ndcg_at, paired_tests, verdict
+from reaemb_trl.evaluation.split import group_masks
+
 GROUP_LABELS = {"all": "all", "tail_user": "tail users", "head_user": "head users",
-                "tail_item": "tail items", "head_item": "head items"}
+                "tail_item": "tail items", "head_item": "head items", "cold_item": "cold items"}
 RANKS_FILE = "test_ranks.npz"
 
 
@@ -28,14 +37,34 @@ def history_sentence(results: dict) -> str:
     return f"History kept{why}: a user's earlier items stay candidates in training and ranking."
 
 
+def cold_items_note(split, config) -> dict | None:
+    """What results.json says about the cold items (None without them)."""
+    if not split.cold:
+        return None
+    count = len(split.cold)
+    return {"share": config.cold_items, "seed": config.cold_item_seed, "count": count,
+            "item_ids": [split.item_ids[i - 1] for i in split.cold],
+            "note": f"{count} of {split.num_items} items are cold (share {config.cold_items}, seed "
+                    f"{config.cold_item_seed}): their interactions were removed from every training sequence and "
+                    "validation history, and no model saw them as a training candidate. The id model ranks them "
+                    "from its untrained, randomly initialised rows (hybrid: those rows plus the table's view), the "
+                    "table modes from their text; MostPop gives them training popularity 0. Group `cold items`: "
+                    "users whose test target is cold."}
+
+
+def ensemble_sentence(name: str, table: dict) -> str:
+    weights = ", ".join(f"{w:g}" for w in table["ensemble_weights"])
+    return (f"{name}: score ensemble of id and {table['ensemble_of'][1]} (per user z-scored scores, (1 - w) id + "
+            f"w table, w chosen on validation from 0, 0.1, ..., 1; per seed w = {weights}).")
+
+
 def aggregate(runs: dict, config, split, specs, compare=(), baseline_pairs: bool = True) -> dict:
     """runs: {table name: [RunResult, ...]} -> the results dict (per table and group: mean, sample std and
     per-seed values with the group size; paired tests; provenance)."""
-    from reaemb_trl.evaluation.runner import MOSTPOP, group_masks
-    from reaemb_trl.evaluation.significance import default_pairs, ndcg_at, paired_tests
     from reaemb_trl.provenance import provenance
 
     by_name = {spec.name: spec for spec in specs}
+    ensembles = ensemble_parts(specs)
     out = {
         "model": config.model, "protocol": config.protocol, "loss": config.loss,
         "history": split.resolve_history(config.history), "history_requested": config.history,
@@ -44,6 +73,9 @@ def aggregate(runs: dict, config, split, specs, compare=(), baseline_pairs: bool
         "config": config.as_dict(), "provenance": provenance(), "tables": {},
         "test_users": [split.users[u] for u, _, _ in split.test],
     }
+    cold = cold_items_note(split, config)
+    if cold is not None:
+        out["cold_items"] = cold
     per_user = {}
     for name, results in runs.items():
         groups = {}
@@ -61,15 +93,19 @@ def aggregate(runs: dict, config, split, specs, compare=(), baseline_pairs: bool
             groups[group] = entry
         spec = by_name[name]
         out["tables"][name] = {
-            "source": spec.source, "mode": None if spec.source in ("id", MOSTPOP) else spec.mode,
+            "source": spec.source, "mode": None if spec.source in FIXED_TABLES else spec.mode,
             "seeds": [r.seed for r in results], "best_epochs": [r.best_epoch for r in results],
             "epochs_run": [r.epochs_run for r in results], "seconds": [r.seconds for r in results],
             "valid_ndcg10": [_clean(r.best_valid_ndcg10) for r in results],  # the early-stopping (validation) score
             "groups": groups, "test_ranks": [r.test_ranks for r in results],
         }
+        if name in ensembles:
+            out["tables"][name].update(ensemble_of=[part.name for part in ensembles[name]],
+                                       ensemble_weights=[r.ensemble_weight for r in results],
+                                       valid_ndcg10_per_weight=[r.history for r in results])
         per_user[name] = ndcg_at(np.array([r.test_ranks for r in results])).mean(axis=0)
     masks = group_masks(split, split.test, config.tail_user_threshold, config.tail_item_threshold)
-    pairs = default_pairs(list(runs), compare, baseline_pairs)
+    pairs = default_pairs(list(runs), compare, baseline_pairs, references=list(ensembles))
     out["comparisons"] = paired_tests(per_user, pairs, {g: m for g, m in masks.items() if m.any()})
     out["wall_seconds"] = round(sum(s for t in out["tables"].values() for s in t["seconds"]), 1)
     return out
@@ -77,9 +113,7 @@ def aggregate(runs: dict, config, split, specs, compare=(), baseline_pairs: bool
 
 def render_markdown(results: dict, metrics=("HR@10", "NDCG@10"), groups=None) -> str:
     """The results table (one row per table and group, "mean ± std" over seeds), the paired tests and one verdict
-    line per comparison on all users."""
-    from reaemb_trl.evaluation.significance import verdict
-
+    line per comparison on all users. A value measured once (one seed, MostPop) has no std: "n/a"."""
     metrics = list(metrics)
     lines = [f"# {results['model']}: {results['protocol']} ranking, {results.get('loss', 'bce')} loss", "",
              history_sentence(results) if "history" in results else "", results.get("seeds_note", ""), "",
@@ -92,8 +126,13 @@ def render_markdown(results: dict, metrics=("HR@10", "NDCG@10"), groups=None) ->
             cells = []
             for metric in metrics:
                 m = entry.get(metric, {})
-                cells.append("n/a" if m.get("mean") is None else f"{m['mean']:.4f} ± {m['std']:.4f}")  # n/a: empty group
+                cells.append(_mean_std(m))
             lines.append(f"| {name} | {GROUP_LABELS.get(group, group)} | {entry['size']} | " + " | ".join(cells) + " |")
+    notes = [results["cold_items"]["note"]] if results.get("cold_items") else []
+    notes += [ensemble_sentence(name, table) for name, table in results["tables"].items()
+              if "ensemble_weights" in table]
+    if notes:
+        lines += [""] + notes
     comparisons = results.get("comparisons") or []
     if comparisons:
         lines += ["", "## Paired tests", "",
@@ -118,6 +157,15 @@ def render_markdown(results: dict, metrics=("HR@10", "NDCG@10"), groups=None) ->
                       f"{prov['torch_threads']} threads{', GPU ' + ', '.join(prov['gpu']) if prov['gpu'] else ''}; "
                       f"{results.get('wall_seconds', 0):.0f} s of training and ranking."]
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(entry: dict) -> str:
+    """"mean ± std"; "n/a" for an empty group; "mean ± n/a" for a single measured value (no spread to show)."""
+    if entry.get("mean") is None:
+        return "n/a"
+    values = entry.get("values")
+    single = values is not None and sum(v is not None for v in values) < 2
+    return f"{entry['mean']:.4f} ± " + ("n/a" if single else f"{entry['std']:.4f}")
 
 
 def plot_ndcg10(results: dict, path: str | Path) -> Path:
@@ -158,13 +206,27 @@ def plot_ndcg10(results: dict, path: str | Path) -> Path:
     return path
 
 
+REPORT_FILES = {"json": "results.json", "markdown": "results.md", "plot": "ndcg10.png", "ranks": RANKS_FILE}
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """results.json (without the per-user ranks), test_ranks.npz (per table: seeds x test users), results.md,
-    ndcg10.png."""
+    ndcg10.png, as one set: all four are written into a hidden staging folder in `out_dir`, then renamed into
+    place with SIGINT/SIGTERM held back, results.json last. An interrupted report leaves the previous set whole."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "ndcg10.png",
-             "ranks": out / RANKS_FILE}
+    staging = out / f".report.tmp-{secrets.token_hex(6)}"  # named here, made inside the `try`: always removed
+    try:
+        staging.mkdir()
+        staged = {key: staging / name for key, name in REPORT_FILES.items()}
+        _write_report_files(results, staged)
+        _commit(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {key: out / name for key, name in REPORT_FILES.items()}
+
+
+def _write_report_files(results: dict, paths: dict[str, Path]) -> None:
     ranks = {name: np.asarray(t.get("test_ranks") or [], dtype=np.int64) for name, t in results["tables"].items()}
     np.savez_compressed(paths["ranks"], users=np.asarray(results.get("test_users", []), dtype=str), **ranks)
     slim = {**results, "tables": {n: {k: v for k, v in t.items() if k != "test_ranks"}
@@ -173,4 +235,14 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(slim, indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(render_markdown(results), encoding="utf-8")
     plot_ndcg10(results, paths["plot"])
-    return paths
+
+
+def _commit(staged: dict[str, Path], out: Path) -> None:
+    """Rename the staged files into `out`, results.json last; a signal arriving meanwhile is delivered after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for key in sorted(staged, key=lambda k: k == "json"):
+            os.replace(staged[key], out / staged[key].name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -13,8 +13,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from reaemb_trl.evaluation.config import FIXED_TABLES
+
 ALPHA = 0.05
-FIXED_BASELINES = ("id", "mostpop")
 
 
 def ndcg_at(ranks: np.ndarray, k: int = 10) -> np.ndarray:
@@ -61,12 +62,12 @@ def parse_pair(pair: str | Sequence[str]) -> tuple[str, str]:
 
 
 def default_pairs(names: Sequence[str], extra: Iterable[str | Sequence[str]] = (),
-                  baselines: bool = True) -> list[tuple[str, str]]:
-    """With `baselines`: every table against `id`, and every LLM table (not id/mostpop/raw) against `raw` when a
-    `raw` table exists; then the `extra` pairs (e.g. stage against stage: lrcl:raw, crrl:lrcl). Duplicates are
-    dropped."""
+                  baselines: bool = True, references: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """With `baselines`: every table against `id`, and every LLM table (not id/mostpop/raw, nor one of the
+    `references`: the score ensembles, tested against id only) against `raw` when a `raw` table exists; then the
+    `extra` pairs (e.g. stage against stage: lrcl:raw, crrl:lrcl). Duplicates are dropped."""
     pairs: list[tuple[str, str]] = []
-    llm = [n for n in names if n not in FIXED_BASELINES and n.split("@")[0] != "raw"]
+    llm = [n for n in names if n not in FIXED_TABLES and n.split("@")[0] != "raw" and n not in references]
     if baselines and "id" in names:
         pairs += [(n, "id") for n in names if n != "id"]
     if baselines and "raw" in names:

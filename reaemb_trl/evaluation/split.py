@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from reaemb_trl.data.canonical import RecDataset
+from reaemb_trl.data.cold import without_items
 
 MIN_EVAL_LENGTH = 3
 HISTORY_RULES = ("auto", "exclude", "keep")
@@ -19,6 +23,9 @@ class SplitData:
     - ``valid`` / ``test``: lists of (user index, history, target) for users with >= 3 items; validation
       history is ``seq[:-2]`` with target ``seq[-2]``; test history is ``seq[:-1]`` with target ``seq[-1]``.
     - ``full[u]``: the whole sequence (used to draw sampled-protocol negatives outside it).
+    - ``cold``: the cold items' indices (sorted; empty without cold items). Their interactions are gone from
+      every sequence's training part (`data.cold.without_items`), so they are in no ``train`` sequence and no
+      validation history; a held-out target (and so a test history's last item) may be cold.
     """
 
     item_ids: list[str]  # item_ids[i - 1] is the id of item index i
@@ -27,6 +34,7 @@ class SplitData:
     full: list[list[int]]
     valid: list[tuple[int, list[int], int]] = field(default_factory=list)
     test: list[tuple[int, list[int], int]] = field(default_factory=list)
+    cold: list[int] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
@@ -62,10 +70,35 @@ class SplitData:
         return pop
 
 
-def leave_one_out(dataset: RecDataset) -> SplitData:
+def group_masks(split: SplitData, part, tail_user_threshold: int, tail_item_threshold: int) -> dict[str, np.ndarray]:
+    """The user groups of a split part (validation or test): all, tail/head users (history shorter than
+    `tail_user_threshold`), tail/head items (target used by fewer than `tail_item_threshold` training users), and
+    with cold items `cold_item` (target is a cold item; its training popularity is 0, so it is a tail item too)."""
+    popularity = split.train_popularity()
+    lengths = np.array([len(h) for _, h, _ in part])
+    pops = np.array([popularity[t] for _, _, t in part])
+    tail_user, tail_item = lengths < tail_user_threshold, pops < tail_item_threshold
+    masks = {"all": np.ones(len(part), dtype=bool), "tail_user": tail_user, "head_user": ~tail_user,
+             "tail_item": tail_item, "head_item": ~tail_item}
+    if split.cold:
+        cold = set(split.cold)
+        masks["cold_item"] = np.array([t in cold for _, _, t in part], dtype=bool)
+    return masks
+
+
+def leave_one_out(dataset: RecDataset, cold_items: Iterable[str] = ()) -> SplitData:
+    """The leave-one-out split of `dataset`; `cold_items` (ids, `data.cold.cold_item_ids`) are removed from every
+    training part first (`data.cold.without_items`: a user whose training part was all cold keeps only its
+    non-cold items and becomes a training-only user)."""
     index = {item_id: n + 1 for n, item_id in enumerate(dataset.item_ids)}
-    split = SplitData(item_ids=list(dataset.item_ids), users=[], train=[], full=[])
-    for user, seq in dataset.sequences.items():
+    cold = set(cold_items)
+    unknown = sorted(cold - set(index))
+    if unknown:
+        raise ValueError(f"cold items {unknown[:5]} are not in the catalogue")
+    sequences = without_items(dataset.sequences, cold, keep_last=MIN_EVAL_LENGTH - 1) if cold else dataset.sequences
+    split = SplitData(item_ids=list(dataset.item_ids), users=[], train=[], full=[],
+                      cold=sorted(index[i] for i in cold))
+    for user, seq in sequences.items():
         ids = [index[i] for i in seq]
         u = len(split.users)
         split.users.append(user)

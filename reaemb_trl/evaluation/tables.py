@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from reaemb_trl.evaluation.config import NORMALIZATIONS, TABLE_MODES
+
 
 def load_embedding_file(path: str | Path, item_ids: Sequence[str]) -> torch.Tensor:
     """The rows of a table file (reaemb_trl.item_table) for `item_ids`, matched by id, never by position: a table
@@ -20,8 +22,6 @@ def load_embedding_file(path: str | Path, item_ids: Sequence[str]) -> torch.Tens
     return read_table(path).aligned(list(item_ids)).float()
 
 
-TABLE_MODES = ("frozen", "init", "hybrid")
-NORMALIZATIONS = ("center_scale", "whiten", "none")
 ID_INIT_STD = 0.02  # the ID table's initialisation (SASRec/RecBole use 0.02)
 
 

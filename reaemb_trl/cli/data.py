@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from reaemb_trl.cli.errors import fail
+
 data_app = typer.Typer(help="Convert public datasets into the canonical folder and show statistics.",
                        no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -29,15 +31,15 @@ def convert_command(
     from reaemb_trl.data.readers import convert
 
     if format not in FORMATS:
-        _fail(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}", code=2)
+        fail(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}", code=2)
     if not input.exists():
-        _fail(f"{input} does not exist: pass the folder (or file) holding the raw {format} data as --input")
+        fail(f"{input} does not exist: pass the folder (or file) holding the raw {format} data as --input")
     try:
-        dataset = convert(format, input, output, kcore=kcore, remap_ids=remap_ids, strict=not lenient)
+        dataset = convert(format, input, output, kcore=kcore, remap_ids=remap_ids, strict=not lenient, progress=True)
     except (DataFormatError, FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:  # unreadable input, no room or no permission for the output
-        _fail(f"{exc.filename or output}: {exc.strerror or exc}")
+        fail(f"{exc.filename or output}: {exc.strerror or exc}")
     typer.echo(render_stats_table(dataset.stats(tail_user, tail_item), title=f"{output} (from {format})"))
 
 
@@ -48,25 +50,17 @@ def stats_command(
     tail_item: int = typer.Option(20, help="Tail-item threshold (distinct users below it)."),
 ) -> None:
     """Print the statistics table of a canonical dataset folder."""
-    from reaemb_trl.data.canonical import RecDataset, render_stats_table
+    from reaemb_trl.data.canonical import INTERACTIONS_FILE, ITEMS_FILE, RecDataset, render_stats_table
     from reaemb_trl.data.errors import DataFormatError
-
-    from reaemb_trl.data.canonical import INTERACTIONS_FILE, ITEMS_FILE
 
     convert_hint = "make one with `reaemb data convert --format FORMAT --input RAW --output DIR`"
     if not folder.exists():
-        _fail(f"{folder} does not exist: pass a canonical dataset folder ({convert_hint})")
+        fail(f"{folder} does not exist: pass a canonical dataset folder ({convert_hint})")
     missing = [name for name in (ITEMS_FILE, INTERACTIONS_FILE) if not (folder / name).is_file()]
     if missing:
-        _fail(f"{folder} is not a canonical dataset folder (no {' or '.join(missing)}): {convert_hint}")
+        fail(f"{folder} is not a canonical dataset folder (no {' or '.join(missing)}): {convert_hint}")
     try:
         dataset = RecDataset.load(folder)
     except DataFormatError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(render_stats_table(dataset.stats(tail_user, tail_item), title=str(folder)))
-
-
-def _fail(message: str, code: int = 1) -> None:
-    """One line on stderr, no traceback, a non-zero exit code."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from reaemb_trl.cli.errors import expected_errors, fail
+
 
 def encode_command(
     items: str = typer.Option(..., "--items", help="items.jsonl, a canonical dataset folder, or `ml-100k`."),
@@ -21,14 +23,14 @@ def encode_command(
 
     The model must be the one that made the table: its fingerprint and prompt format are checked against the
     table's metadata before anything is encoded."""
-    from reaemb_trl.export_cli import check_output, expected_errors, fail, load_catalogue
-
     if (checkpoint is None) == (backbone is None):
         raise typer.BadParameter("give exactly one of --checkpoint (the model that made the table) or --backbone")
     try:
         from reaemb_trl.export import encode_new_items
+        from reaemb_trl.export_inputs import check_batch_size, check_output, load_catalogue
         from reaemb_trl.item_table import read_table
 
+        check_batch_size(batch_size)
         check_output(output)
         catalogue = load_catalogue(items)
         model = str(checkpoint) if checkpoint is not None else _backbone_embedder(backbone, read_table(table), device)
@@ -46,8 +48,7 @@ def encode_command(
 def _backbone_embedder(backbone: str, table, device: str):
     """The bare backbone with the table's pooling and prompt format, refused before loading when its fingerprint
     cannot match the table's."""
-    from reaemb_trl.export import ExportError, check_same_model
-    from reaemb_trl.export_cli import load_backbone
+    from reaemb_trl.export_inputs import ExportError, check_same_model, load_backbone
     from reaemb_trl.item_table import backbone_fingerprint
     from reaemb_trl.prompt import ItemPromptFormatter
 

@@ -15,7 +15,7 @@ could reach (run by hand; numbers in docs/ablations.md):
    `lora_all` (the adapter through every path: plain supervised fine-tuning on co-occurrence, not CRRL; it asks
    whether the held-out items can be reached from the item text at all).
 
-    python benchmarks/crrl_headroom.py --checkpoint runs/quickstart/lrcl --data ml-100k --output headroom.json
+    python -m experiments.crrl_headroom --checkpoint runs/quickstart/lrcl --data ml-100k --output headroom.json
 
 If the per-item oracle barely beats the starting table, no policy setting can; if the supervised module does not
 move the held-out yardstick, a noisy-gradient policy will not either.
@@ -32,11 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from reaemb_trl.similarity import similarity_matrix
+
 TEMPERATURE = 0.05
 
 
-def centred_cosine(items: torch.Tensor, cands: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("rd,rnd->rn", F.normalize(items - center, dim=-1), F.normalize(cands - center, dim=-1))
+def centred_cosine_logits(emb: torch.Tensor, cands: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """The learners' logits: centred cosine of each item (B, d) to its candidates (B, N, d) over TEMPERATURE."""
+    return similarity_matrix(emb, cands, "centered_cosine", center) / TEMPERATURE
 
 
 def per_item_oracle(embedder, prefix_ids, cand_emb, center, steps, lr_scale, batch_size, dtype):
@@ -58,7 +61,7 @@ def per_item_oracle(embedder, prefix_ids, cand_emb, center, steps, lr_scale, bat
         for _ in range(steps):
             with autocast:
                 emb = embedder.embed_from_thought(prefix, z).float()
-            loss = F.cross_entropy(centred_cosine(emb, cands, center) / TEMPERATURE, target)
+            loss = F.cross_entropy(centred_cosine_logits(emb, cands, center), target)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -108,7 +111,7 @@ def supervised_loss(embedder, prefix_ids, cands, center, train: str, lora: list,
         for p in lora:
             p.requires_grad_(True)
     target = torch.zeros(len(prefix_ids), dtype=torch.long, device=emb.device)
-    return F.cross_entropy(centred_cosine(emb, cands, center) / TEMPERATURE, target)
+    return F.cross_entropy(centred_cosine_logits(emb, cands, center), target)
 
 
 def supervised_module(embedder, catalogue, train_ids, candidates, table, table_ids, center, steps, batch_items,
@@ -143,7 +146,8 @@ def main() -> None:
     from reaemb_trl.crrl_yardstick import CRRLYardstick, held_out_items
     from reaemb_trl.data.canonical import load_interactions, read_items
     from reaemb_trl.embedder import ThoughtEmbedder
-    from reaemb_trl.provenance import fast_bf16_available, provenance
+    from reaemb_trl.hardware import fast_bf16_available
+    from reaemb_trl.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="LRCL (or CRRL) checkpoint folder")

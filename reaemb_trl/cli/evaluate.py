@@ -1,4 +1,6 @@
-"""`reaemb evaluate`: a thin layer over reaemb_trl.evaluation.compare_tables + write_report."""
+"""`reaemb evaluate`: a thin layer over reaemb_trl.evaluation.compare_tables + write_report.
+
+Finished runs are kept in OUTPUT/runs as they end; rerunning the same command resumes from them."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from reaemb_trl.cli.errors import fail
 
 
 def evaluate_command(
@@ -17,7 +21,8 @@ def evaluate_command(
     more_tables: Optional[List[str]] = typer.Argument(None, help="Further tables listed after --tables.",
                                                       show_default=False),
     seeds: int = typer.Option(1, "--seeds", help="Number of seeds (0..N-1) per table."),
-    output: Path = typer.Option(..., "--output", help="Folder for results.json, results.md, ndcg10.png."),
+    output: Path = typer.Option(..., "--output", help="Folder for results.json, results.md, ndcg10.png, "
+                                "test_ranks.npz and runs/ (each finished run; the same command resumes from it)."),
     loss: str = typer.Option("ce", "--loss", help="ce (softmax over the catalogue; sampled softmax past "
                              "--sampled-softmax-above items) or bce (the papers': one sampled negative)."),
     history: str = typer.Option("auto", "--history", help="exclude / keep the user's earlier items as candidates "
@@ -25,6 +30,14 @@ def evaluate_command(
     table_mode: List[str] = typer.Option(["frozen"], "--table-mode", help="For table files: frozen (+ adapter, the "
                                          "paper's), init (trainable IDs from the table's PCA), hybrid (IDs + "
                                          "adapter). Repeat to run each file in several modes."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Also report id+<table> for every table file: the score "
+                                  "ensemble of the id model and the file's frozen model of the same seed (z-scored "
+                                  "scores, the table's weight chosen on validation from 0, 0.1, ..., 1); needs id "
+                                  "and --table-mode frozen."),
+    cold_items: float = typer.Option(0.0, "--cold-items", help="Share of the catalogue held out of training as "
+                                     "cold items (e.g. 0.1): their interactions leave every training signal and "
+                                     "users whose target is one form the 'cold items' group. 0 = none."),
+    cold_item_seed: int = typer.Option(0, "--cold-item-seed", help="Seed of the cold-item draw."),
     normalization: str = typer.Option("center_scale", "--normalization", help="What the adapter reads: "
                                       "center_scale, whiten or none."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Extra paired test A:B (table names, e.g. "
@@ -49,32 +62,37 @@ def evaluate_command(
 ) -> None:
     """Compare item tables on a downstream sequential recommender over several seeds, with paired tests."""
     from reaemb_trl.data.errors import DataFormatError
+    from reaemb_trl.evaluation.compare import compare_tables
+    from reaemb_trl.evaluation.config import FIXED_TABLES, EvalConfig
     from reaemb_trl.evaluation.report import render_markdown, write_report
-    from reaemb_trl.evaluation.runner import EvalConfig, compare_tables
 
+    if seeds < 1:
+        fail(f"--seeds must be >= 1 (the number of seeds per table), got {seeds}")
     specs = [t for t in list(tables) + list(more_tables or []) for t in t.split(",") if t]
     for spec in specs:
-        if spec not in ("id", "mostpop") and not Path(spec).is_file():
-            _fail(f"table {spec!r} is neither 'id', 'mostpop' nor an existing .safetensors file; write one with "
+        if spec not in FIXED_TABLES and not Path(spec).is_file():
+            fail(f"table {spec!r} is neither 'id', 'mostpop' nor an existing .safetensors file; write one with "
                   "`reaemb export --data DIR --output FILE --checkpoint CKPT`")
+    files = [spec for spec in specs if spec not in FIXED_TABLES]
+    if ensemble and not ("id" in specs and files and "frozen" in table_mode):
+        fail("--ensemble combines the id model with each table file's frozen model: list id and at least one "
+             ".safetensors file in --tables, with --table-mode frozen")
     if not (data / "items.jsonl").is_file() or not (data / "interactions.csv").is_file():
-        _fail(f"{data} is not a canonical dataset folder (items.jsonl + interactions.csv); make one with "
+        fail(f"{data} is not a canonical dataset folder (items.jsonl + interactions.csv); make one with "
               "`reaemb data convert --format FORMAT --input RAW --output DIR`")
     try:
         config = EvalConfig(model=model, loss=loss, history=history, normalization=normalization, protocol=protocol,
                             max_epochs=max_epochs, patience=patience, eval_every=eval_every, batch_size=batch_size,
                             hidden=hidden, max_len=max_len, lr=lr, sampled_softmax_above=sampled_softmax_above,
                             num_sampled=num_sampled, tail_user_threshold=tail_user, tail_item_threshold=tail_item,
-                            device=device)
-        results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=table_mode,
-                                 workers=workers)
+                            device=device, cold_items=cold_items, cold_item_seed=cold_item_seed)
+        modes = list(table_mode) + (["ensemble"] if ensemble else [])
+        results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=modes,
+                                 workers=workers, runs_dir=output / "runs")
+        paths = write_report(results, output)
     except (DataFormatError, ValueError, FloatingPointError) as exc:
-        _fail(str(exc))
-    paths = write_report(results, output)
+        fail(str(exc))
+    except OSError as exc:  # no room or no permission for the output
+        fail(f"{exc.filename or output}: {exc.strerror or exc}")
     typer.echo(render_markdown(results))
     typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['ranks']}")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)

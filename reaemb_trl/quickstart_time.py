@@ -1,0 +1,97 @@
+"""How long the rest of the quickstart will take: after the first steps of each training stage, one line on stderr
+with that stage's time left and the whole run's.
+
+The stage itself: its measured seconds per step x its steps left. The stages after it: their times on a reference
+CPU (REFERENCE_*: issue 21's measurements, a 2-core AMD EPYC with AVX2 only, fp32, the shipped settings on
+MovieLens-100k), for this run's sizes, scaled by how much slower or faster than that CPU this machine ran the step it
+measured. An estimate: text-rich catalogues cost more per step, which the measured step sees; the evaluation's cost
+is assumed linear in the interactions.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import fields
+from typing import TYPE_CHECKING, Callable
+
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from reaemb_trl.data.canonical import RecDataset
+    from reaemb_trl.quickstart import QuickstartSettings
+
+REFERENCE_STEP_SECONDS = {"lrcl": 4.5, "crrl": 5.0}  # 473 s / 106 LRCL steps; 403 s / 80 CRRL steps (+ yardstick)
+REFERENCE_ITEM_SECONDS = 0.065  # one item into a table (the raw table: 110 s for 1,682 items)
+REFERENCE_RUN_SECONDS = 264.0  # one downstream run on one core (2.2 min a run with 2 workers on 2 cores) ...
+REFERENCE_INTERACTIONS = 100_000  # ... on MovieLens-100k's interactions
+MEASURED_STEPS = 3
+
+
+def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, after: str) -> float:
+    """Reference-CPU seconds of the stages after `after` that have not run yet (no marker in OUTPUT/.stages)."""
+    from reaemb_trl.quickstart import STAGES, TABLES, cold_items
+
+    cold = len(cold_items(settings, data))
+    interactions = sum(len(seq) for seq in data.sequences.values())
+    runs = settings.eval_seeds * (1 + len(TABLES) * (2 if settings.hybrid else 1))  # id + tables (+ hybrid)
+    seconds = {
+        "crrl": planned_crrl_steps(settings, len(data.items) - cold) * REFERENCE_STEP_SECONDS["crrl"]
+        + 2 * cold * REFERENCE_ITEM_SECONDS,  # the cold items into the LRCL and CRRL tables
+        "export": len(data.items) * REFERENCE_ITEM_SECONDS,
+        "evaluate": math.ceil(runs / max(settings.eval_workers, 1)) * REFERENCE_RUN_SECONDS
+        * interactions / REFERENCE_INTERACTIONS,
+    }
+    later = STAGES[STAGES.index(after) + 1:]
+    return sum(seconds[name] for name in later if not (settings.output / ".stages" / f"{name}.json").exists())
+
+
+def planned_crrl_steps(settings: QuickstartSettings, warm_items: int) -> int:
+    """CRRL's steps: `max_steps` when set, else its epochs over the items it may train on."""
+    from reaemb_trl.crrl_config import CRRLConfig
+
+    config = {**{f.name: f.default for f in fields(CRRLConfig)}, **settings.crrl}
+    if config["max_steps"] > 0:
+        return config["max_steps"]
+    rows = warm_items * (1 - config["eval_item_fraction"]) * config["num_generations"]
+    return math.ceil(rows / config["per_device_train_batch_size"] * config["num_train_epochs"])
+
+
+def time_left(stage: str, seconds_per_step: float, steps_left: int, later_seconds: float) -> tuple[float, float]:
+    """(seconds left in `stage`, seconds left in all): the stage's pace x its steps left, plus the later stages'
+    reference seconds x (this pace / the reference CPU's pace of this stage)."""
+    this = seconds_per_step * steps_left
+    return this, this + seconds_per_step / REFERENCE_STEP_SECONDS[stage] * later_seconds
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class TimeEstimate(TrainerCallback):
+    """Prints the estimate once, after MEASURED_STEPS steps that follow the first step of this session (the first
+    pays one-time costs: caches, CRRL's first catalogue table)."""
+
+    def __init__(self, stage: str, later_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.stage, self.later_seconds, self.clock = stage, later_seconds, clock
+        self.start: tuple[int, float] | None = None
+        self.printed = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.printed or not state.is_world_process_zero:
+            return
+        now = self.clock()
+        if self.start is None:
+            self.start = (state.global_step, now)
+            return
+        steps = state.global_step - self.start[0]
+        if steps < MEASURED_STEPS:
+            return
+        per_step = (now - self.start[1]) / steps
+        this, total = time_left(self.stage, per_step, state.max_steps - state.global_step, self.later_seconds)
+        speed = per_step / REFERENCE_STEP_SECONDS[self.stage]
+        print(f"[quickstart] {self.stage}: {per_step:.2f} s/step; about {_duration(this)} left in this stage, "
+              f"{_duration(total)} in all (later stages: a reference CPU's times x {speed:.2f}, "
+              "reaemb_trl/quickstart_time.py)", file=sys.stderr, flush=True)
+        self.printed = True
