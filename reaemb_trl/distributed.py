@@ -1,7 +1,8 @@
-"""Processes that share one job outside a Trainer (`reaemb export --num-processes N`): launching them, joining
-their torch.distributed group, and asking where this process stands in it.
+"""Processes that share one job: launching them (`reaemb export --num-processes N`), joining their torch.distributed
+group, asking where this process stands in it, and gathering across it (LRCL's negatives from every process).
 
-The Trainers get all of this from accelerate; this is for the library's own multi-process paths.
+The Trainers launch and join through accelerate; the launch and join here are for the library's own multi-process
+paths.
 """
 
 from __future__ import annotations
@@ -73,3 +74,34 @@ def launch_processes(num_processes: int, module_arguments: list[str], device: st
                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", "-m", *module_arguments]  # fmt: skip
     return subprocess.run(command, env=env).returncode
+
+
+def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All rows from all processes (rows may differ in number); the local rows keep their autograd graph. Returns
+    (global, local offset)."""
+    import torch.distributed as dist
+
+    rank, world = process_group()
+    if world == 1:
+        return local, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local.detach()
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded)
+    parts = [local if r == rank else chunk[: int(sizes[r].item())] for r, chunk in enumerate(chunks)]
+    return torch.cat(parts), int(sum(int(s.item()) for s in sizes[:rank]))
+
+
+def gather_objects(values: list) -> list:
+    """Concatenate a Python list across processes (rank order)."""
+    import torch.distributed as dist
+
+    _, world = process_group()
+    if world == 1:
+        return list(values)
+    out: list = [None] * world
+    dist.all_gather_object(out, list(values))
+    return [v for part in out for v in part]

@@ -85,32 +85,3 @@ def _contrastive_loss_fp32(x, y, temperature, kind, normalize, center, item_ids)
         "accuracy": accuracy,
         "positive_cosine": positive_cosine,
     }
-
-
-def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All rows from all processes; the local rows keep their autograd graph. Returns (global, local offset)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local.detach()
-    chunks = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(chunks, padded)
-    rank = dist.get_rank()
-    parts = [local if r == rank else chunk[: int(sizes[r].item())] for r, chunk in enumerate(chunks)]
-    return torch.cat(parts), int(sum(int(s.item()) for s in sizes[:rank]))
-
-
-def gather_objects(values: list) -> list:
-    """Concatenate a Python list across processes (rank order)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(values))
-    return [v for part in out for v in part]

@@ -24,7 +24,8 @@ from reaemb_trl.decoder_io import base_model_of
 from reaemb_trl.embedder import ThoughtEmbedder
 from reaemb_trl.hub import HubPushMixin
 from reaemb_trl.lrcl_config import LRCLConfig
-from reaemb_trl.lrcl_loss import contrastive_loss, gather_objects, gather_with_grad
+from reaemb_trl.distributed import gather_objects, gather_with_grad
+from reaemb_trl.lrcl_loss import contrastive_loss
 from reaemb_trl.prompt import normalise_attributes
 
 

@@ -159,18 +159,26 @@ def fetch_data(settings: QuickstartSettings) -> dict:
     return {"source": str(source), "stats": asdict(print_stats(out / "data"))}
 
 
+def remaining_stage_seconds(settings: QuickstartSettings, data: RecDataset, after: str) -> float:
+    """Reference-CPU seconds of the stages after `after` still to run (priced by reaemb_trl/quickstart_time.py)."""
+    from reaemb_trl.quickstart_time import later_stage_seconds
+
+    later = STAGES[STAGES.index(after) + 1:]
+    return later_stage_seconds(settings, data, later, len(cold_items(settings, data)), len(TABLES))
+
+
 def train_lrcl(settings: QuickstartSettings, data: RecDataset) -> dict:
     """LRCL over the whole catalogue, cold items included: it reads item text only, never an interaction (a new
     item's text is known when it is added); `lrcl.num_train_epochs` = views of each item."""
     from reaemb_trl.builders import build_lrcl_trainer
     from reaemb_trl.lrcl_config import LRCLConfig
-    from reaemb_trl.quickstart_time import TimeEstimate, later_stage_seconds
+    from reaemb_trl.quickstart_time import TimeEstimate
 
     folder = settings.output / "lrcl"
     args = LRCLConfig(**{"model_name_or_path": settings.backbone, **_training_args(settings, folder),
                          "save_strategy": "steps", "save_steps": 50, **settings.lrcl})
     trainer = build_lrcl_trainer(_data_args(settings), args, data)
-    trainer.add_callback(TimeEstimate("lrcl", later_stage_seconds(settings, data, "lrcl")))
+    trainer.add_callback(TimeEstimate("lrcl", remaining_stage_seconds(settings, data, "lrcl")))
     trainer.train(resume_from_checkpoint=_last_checkpoint(folder))
     trainer.save_model(str(folder))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -202,13 +210,13 @@ def _train_crrl(settings: QuickstartSettings, data: RecDataset, tables: Path) ->
     LRCL and CRRL tables written from its encodings."""
     from reaemb_trl.builders import build_crrl_trainer
     from reaemb_trl.crrl_config import CRRLConfig
-    from reaemb_trl.quickstart_time import TimeEstimate, later_stage_seconds
+    from reaemb_trl.quickstart_time import TimeEstimate
 
     folder = settings.output / "crrl"
     args = CRRLConfig(**{"lrcl_checkpoint": str(settings.output / "lrcl"), **_training_args(settings, folder),
                          **settings.crrl})
     trainer = build_crrl_trainer(_data_args(settings), args, data)  # its catalogue: the warm items
-    trainer.add_callback(TimeEstimate("crrl", later_stage_seconds(settings, data, "crrl")))
+    trainer.add_callback(TimeEstimate("crrl", remaining_stage_seconds(settings, data, "crrl")))
     resume = _last_checkpoint(folder)
     before = trainer.evaluate(metric_key_prefix="start") if trainer.yardstick is not None and not resume else None
     if before is not None:  # the LRCL table: the catalogue under the thought module CRRL starts from

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from dataclasses import fields
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from transformers import TrainerCallback
 
@@ -29,13 +29,12 @@ REFERENCE_INTERACTIONS = 100_000  # ... on MovieLens-100k's interactions
 MEASURED_STEPS = 3
 
 
-def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, after: str) -> float:
-    """Reference-CPU seconds of the stages after `after` that have not run yet (no marker in OUTPUT/.stages)."""
-    from reaemb_trl.quickstart import STAGES, TABLES, cold_items
-
-    cold = len(cold_items(settings, data))
+def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, later: Sequence[str], cold: int,
+                        tables: int) -> float:
+    """Reference-CPU seconds of the stages named in `later` that have not run yet (no marker in OUTPUT/.stages), for
+    a run with `cold` cold items and `tables` item tables."""
     interactions = sum(len(seq) for seq in data.sequences.values())
-    runs = settings.eval_seeds * (1 + len(TABLES) * (2 if settings.hybrid else 1))  # id + tables (+ hybrid)
+    runs = settings.eval_seeds * (1 + tables * (2 if settings.hybrid else 1))  # id + tables (+ hybrid)
     seconds = {
         "crrl": planned_crrl_steps(settings, len(data.items) - cold) * REFERENCE_STEP_SECONDS["crrl"]
         + 2 * cold * REFERENCE_ITEM_SECONDS,  # the cold items into the LRCL and CRRL tables
@@ -43,7 +42,6 @@ def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, after: s
         "evaluate": math.ceil(runs / max(settings.eval_workers, 1)) * REFERENCE_RUN_SECONDS
         * interactions / REFERENCE_INTERACTIONS,
     }
-    later = STAGES[STAGES.index(after) + 1:]
     return sum(seconds[name] for name in later if not (settings.output / ".stages" / f"{name}.json").exists())
 
 

@@ -247,8 +247,9 @@ def test_later_stages_are_priced_from_the_reference_profile(tmp_path):
     import math
 
     from reaemb_trl.data import RecDataset
+    from reaemb_trl.quickstart import remaining_stage_seconds
     from reaemb_trl.quickstart_time import (REFERENCE_INTERACTIONS, REFERENCE_ITEM_SECONDS, REFERENCE_RUN_SECONDS,
-                                            REFERENCE_STEP_SECONDS, later_stage_seconds, planned_crrl_steps)
+                                            REFERENCE_STEP_SECONDS, planned_crrl_steps)
 
     settings = tiny_settings(tmp_path, cold_items=0.25)  # 48 items, 12 cold; 548 interactions; crrl max_steps 2
     data = RecDataset.load(ASSETS / "tiny_catalog")
@@ -256,11 +257,11 @@ def test_later_stages_are_priced_from_the_reference_profile(tmp_path):
     export = 48 * REFERENCE_ITEM_SECONDS
     runs = 1 * (1 + 3 + 3)  # one seed of id, three frozen and three hybrid tables, one worker
     evaluate = runs * REFERENCE_RUN_SECONDS * 548 / REFERENCE_INTERACTIONS
-    assert later_stage_seconds(settings, data, "lrcl") == pytest.approx(crrl + export + evaluate)
-    assert later_stage_seconds(settings, data, "crrl") == pytest.approx(export + evaluate)
+    assert remaining_stage_seconds(settings, data, "lrcl") == pytest.approx(crrl + export + evaluate)
+    assert remaining_stage_seconds(settings, data, "crrl") == pytest.approx(export + evaluate)
     (tmp_path / ".stages").mkdir()
     (tmp_path / ".stages" / "export.json").write_text("{}")  # a finished stage costs nothing
-    assert later_stage_seconds(settings, data, "crrl") == pytest.approx(evaluate)
+    assert remaining_stage_seconds(settings, data, "crrl") == pytest.approx(evaluate)
     # without max_steps: epochs over the warm items CRRL may train on (eval_item_fraction 0.25), 4 rows each
     settings.crrl = dict(settings.crrl, max_steps=-1, num_train_epochs=2)
     assert planned_crrl_steps(settings, 36) == math.ceil(36 * 0.75 * 4 / 8 * 2)
