@@ -167,6 +167,17 @@ def remaining_stage_seconds(settings: QuickstartSettings, data: RecDataset, afte
     return later_stage_seconds(settings, data, later, len(cold_items(settings, data)), len(TABLES))
 
 
+def lrcl_speed(settings: QuickstartSettings) -> float | None:
+    """This machine's LRCL time per step / the reference CPU's, from the finished LRCL stage (None without it)."""
+    from reaemb_trl.quickstart_time import REFERENCE_STEP_SECONDS
+
+    marker = settings.output / ".stages" / "lrcl.json"
+    info = json.loads(marker.read_text()) if marker.exists() else {}
+    if not info.get("steps") or not info.get("seconds"):
+        return None
+    return info["seconds"] / info["steps"] / REFERENCE_STEP_SECONDS["lrcl"]
+
+
 def train_lrcl(settings: QuickstartSettings, data: RecDataset) -> dict:
     """LRCL over the whole catalogue, cold items included: it reads item text only, never an interaction (a new
     item's text is known when it is added); `lrcl.num_train_epochs` = views of each item."""
@@ -216,7 +227,7 @@ def _train_crrl(settings: QuickstartSettings, data: RecDataset, tables: Path) ->
     args = CRRLConfig(**{"lrcl_checkpoint": str(settings.output / "lrcl"), **_training_args(settings, folder),
                          **settings.crrl})
     trainer = build_crrl_trainer(_data_args(settings), args, data)  # its catalogue: the warm items
-    trainer.add_callback(TimeEstimate("crrl", remaining_stage_seconds(settings, data, "crrl")))
+    trainer.add_callback(TimeEstimate("crrl", remaining_stage_seconds(settings, data, "crrl"), lrcl_speed(settings)))
     resume = _last_checkpoint(folder)
     before = trainer.evaluate(metric_key_prefix="start") if trainer.yardstick is not None and not resume else None
     if before is not None:  # the LRCL table: the catalogue under the thought module CRRL starts from

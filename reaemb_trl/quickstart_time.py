@@ -56,11 +56,11 @@ def planned_crrl_steps(settings: QuickstartSettings, warm_items: int) -> int:
     return math.ceil(rows / config["per_device_train_batch_size"] * config["num_train_epochs"])
 
 
-def time_left(stage: str, seconds_per_step: float, steps_left: int, later_seconds: float) -> tuple[float, float]:
-    """(seconds left in `stage`, seconds left in all): the stage's pace x its steps left, plus the later stages'
-    reference seconds x (this pace / the reference CPU's pace of this stage)."""
+def time_left(seconds_per_step: float, steps_left: int, later_seconds: float, speed: float) -> tuple[float, float]:
+    """(seconds left in this stage, seconds left in all): the stage's pace x its steps left, plus the later stages'
+    reference seconds x `speed` (this machine's time / the reference CPU's)."""
     this = seconds_per_step * steps_left
-    return this, this + seconds_per_step / REFERENCE_STEP_SECONDS[stage] * later_seconds
+    return this, this + speed * later_seconds
 
 
 def _duration(seconds: float) -> str:
@@ -71,8 +71,12 @@ class TimeEstimate(TrainerCallback):
     """Prints the estimate once, after MEASURED_STEPS steps that follow the first step of this session (the first
     pays one-time costs: caches, CRRL's first catalogue table)."""
 
-    def __init__(self, stage: str, later_seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.stage, self.later_seconds, self.clock = stage, later_seconds, clock
+    def __init__(self, stage: str, later_seconds: float, speed: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """`speed`: this machine's time / the reference CPU's; None measures it on this stage's steps. Only LRCL's
+        steps measure it well (one LLM forward and backward each); a CRRL step is mostly suffix passes on cached
+        prefixes, while the reference CRRL time includes its yardstick and tables, so CRRL passes LRCL's."""
+        self.stage, self.later_seconds, self.speed, self.clock = stage, later_seconds, speed, clock
         self.start: tuple[int, float] | None = None
         self.printed = False
 
@@ -87,8 +91,8 @@ class TimeEstimate(TrainerCallback):
         if steps < MEASURED_STEPS:
             return
         per_step = (now - self.start[1]) / steps
-        this, total = time_left(self.stage, per_step, state.max_steps - state.global_step, self.later_seconds)
-        speed = per_step / REFERENCE_STEP_SECONDS[self.stage]
+        speed = per_step / REFERENCE_STEP_SECONDS[self.stage] if self.speed is None else self.speed
+        this, total = time_left(per_step, state.max_steps - state.global_step, self.later_seconds, speed)
         print(f"[quickstart] {self.stage}: {per_step:.2f} s/step; about {_duration(this)} left in this stage, "
               f"{_duration(total)} in all (later stages: a reference CPU's times x {speed:.2f}, "
               "reaemb_trl/quickstart_time.py)", file=sys.stderr, flush=True)

@@ -229,16 +229,17 @@ def test_time_estimate_arithmetic_with_a_fake_clock(capsys):
 
     from reaemb_trl.quickstart_time import TimeEstimate, time_left
 
-    # twice the reference CPU's LRCL pace (4.5 s/step): the later stages' 100 reference seconds take 200
-    assert time_left("lrcl", 9.0, 10, 100.0) == (90.0, 290.0)
+    # at twice the reference CPU's time, the later stages' 100 reference seconds take 200
+    assert time_left(9.0, 10, 100.0, speed=2.0) == (90.0, 290.0)
     ticks = iter([100.0, 109.0, 118.0, 127.0])  # the first step is not timed; then 9 s a step
-    estimate = TimeEstimate("crrl", later_seconds=600.0, clock=lambda: next(ticks))
+    # CRRL takes LRCL's speed (1.8 here), not its own steps' (a CRRL step is not the reference's CRRL step)
+    estimate = TimeEstimate("crrl", later_seconds=600.0, speed=1.8, clock=lambda: next(ticks))
     state = TrainerState(max_steps=40)
     for step in range(1, 7):
         state.global_step = step
         estimate.on_step_end(None, state, TrainerControl())  # prints after step 4, then never reads the clock
     err = capsys.readouterr().err
-    # 9 s x 36 steps left = 324 s; later stages 600 s x (9 / 5.0, the reference CRRL step) = 1080 s
+    # 9 s x 36 steps left = 324 s; later stages 600 s x 1.8 = 1080 s
     assert err.count("[quickstart]") == 1
     assert "[quickstart] crrl: 9.00 s/step; about 5.4 min left in this stage, 23.4 min in all" in err
 
