@@ -16,7 +16,6 @@ primary anchor reward (popularity-normalised positive, centred cosine): LRCL's t
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from experiments.pipeline import HELD_OUT_FRACTION, base_settings, load_data, write_json

@@ -37,6 +37,28 @@ def single_threaded(function):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """The test body with one intra-op thread (see `single_threaded`); a module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def wait_for_file(path: Path, proc, timeout: float, what: str) -> None:
+    """Poll until the subprocess `proc` creates `path` (its signal that it reached the step a test interrupts);
+    fail with its output if it ends first, or with `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
 def tiny_causal_lm(family: str = "llama", hidden: int = 32, layers: int = 2, seed: int = 0, vocab: int = 512):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

@@ -9,11 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+from conftest import wait_for_file
 
 from reaemb_trl.data import DataFormatError, RecDataset, convert, make_item, read_dataset, write_dataset
 
@@ -169,11 +170,7 @@ def test_sigterm_during_data_convert_leaves_no_temporary_folder(tmp_path):
                              "recbole", "--input", str(tmp_path / "in"), "--output", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "convert never reached the write"
-            time.sleep(0.05)
+        wait_for_file(ready, proc, 120, "convert never reached the write")
         assert [p.name for p in out.parent.iterdir() if p.name.startswith(".ds.tmp-")]  # mid-write, as intended
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

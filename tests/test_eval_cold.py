@@ -26,12 +26,7 @@ SEQUENCES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster; subprocess comparisons use the same kernels
 
 
 def _dataset(sequences=SEQUENCES, n_items=9) -> RecDataset:

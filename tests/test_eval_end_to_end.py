@@ -15,13 +15,7 @@ N_ITEMS = 30
 RANDOM_NDCG10 = sum(1 / torch.log2(torch.tensor(r + 1.0)).item() for r in range(1, 11)) / N_ITEMS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and a busy 2-core machine makes multi-thread timings erratic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster; subprocess comparisons use the same kernels
 
 
 def _cyclic_dataset(users=150, seed=0):

@@ -18,12 +18,7 @@ N_ITEMS = 12
 TINY = dict(model="gru4rec", hidden=8, max_len=6, batch_size=16, max_epochs=2, patience=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster; subprocess comparisons use the same kernels
 
 
 def _dataset(users=30) -> RecDataset:

@@ -1,7 +1,6 @@
 """The downstream yardstick's protocol: losses, history rule, every transition, table modes, normalisation,
 MostPop, non-finite handling and the paired tests."""
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -22,12 +21,7 @@ from reaemb_trl.evaluation.split import training_windows
 from reaemb_trl.evaluation.tables import AdapterTable, HybridTable, IDTable, build_table, normalize_table
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster; subprocess comparisons use the same kernels
 
 
 def hand_split():

@@ -10,13 +10,14 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
+
+from conftest import wait_for_file
 
 from reaemb_trl.data import make_item, write_dataset
 from reaemb_trl.evaluation import EvalConfig, compare_tables, render_markdown, write_report
@@ -27,12 +28,7 @@ TINY = ["--model", "gru4rec", "--max-epochs", "2", "--patience", "2", "--hidden"
         "--batch-size", "16"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster; subprocess comparisons use the same kernels
 
 
 def _dataset(folder: Path, users: int = 40) -> Path:
@@ -168,11 +164,7 @@ def test_sigterm_after_the_second_run_then_rerun_trains_only_the_rest_and_matche
     proc = subprocess.Popen([sys.executable, "-c", BLOCK_THIRD_RUN, str(ready), *args, "--output", str(out)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.time() + 300
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "the third run never started"
-            time.sleep(0.05)
+        wait_for_file(ready, proc, 300, "the third run never started")
         finished = sorted((out / "runs").glob("*__seed*.json"))
         assert [p.name for p in finished] == ["id__frozen__seed0.json", "mostpop__frozen__seed0.json"]
         proc.send_signal(signal.SIGTERM)
