@@ -1,5 +1,5 @@
 """Readers behave as docs/data.md says, fail with the file and line, stay linear, and leave nothing behind when
-stopped (issue 22: dedupe rules, id characters, numeric checks, line numbers, progress, SIGTERM)."""
+stopped (dedupe rules, id characters, numeric checks, line numbers, progress, SIGTERM)."""
 
 from __future__ import annotations
 

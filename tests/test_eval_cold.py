@@ -1,4 +1,4 @@
-"""The cold-item protocol (issue 21): a seeded share of the catalogue leaves every training signal of the
+"""The cold-item protocol: a seeded share of the catalogue leaves every training signal of the
 downstream model, and the users whose target is a cold item form a reported group."""
 
 import json

@@ -1,4 +1,4 @@
-"""The score-ensemble reference (issue 21): id + frozen-table scores, z-scored, the table's weight chosen on the
+"""The score-ensemble reference: id + frozen-table scores, z-scored, the table's weight chosen on the
 validation split only, made from the two runs without training again."""
 
 import json

@@ -1,4 +1,4 @@
-"""`reaemb evaluate` keeps what it finished (issue 22): every argument is checked before the first run, each
+"""`reaemb evaluate` keeps what it finished: every argument is checked before the first run, each
 finished run is on disk as it ends and a rerun resumes from it (same settings only), the report files are written
 as one set, and a one-seed table says n/a instead of a zero std."""
 
