@@ -35,6 +35,17 @@ def tiny_settings(output, cold_items=0.0):
     )
 
 
+def test_refactor_check_settings_load():
+    """benchmarks/quickstart_mini.yaml (the before/after check of a refactor) stays a valid quickstart settings file."""
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.evaluation import EvalConfig
+
+    settings = QuickstartSettings.from_yaml(Path(__file__).parents[1] / "benchmarks" / "quickstart_mini.yaml")
+    assert settings.hybrid and not settings.ensemble and settings.cold_items == 0.0 and settings.eval_seeds == 1
+    CRRLConfig(output_dir="x", use_cpu=True, **settings.crrl)  # save_steps fits the rollout boundaries
+    EvalConfig(**settings.evaluation)
+
+
 def test_shipped_settings_load():
     # package data, so a wheel holds it too (tests/test_wheel.py installs one)
     assert Path(str(SETTINGS_FILE)).is_relative_to(Path(reaemb_trl.__file__).parent)
