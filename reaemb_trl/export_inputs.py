@@ -5,7 +5,6 @@ the table. Every problem is an `ExportError` whose message says what to do.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,7 +52,7 @@ def check_pca(pca: int | None, num_items: int, dimension: int) -> None:
 
 def check_checkpoint(folder: str | os.PathLike) -> Path:
     """`folder` as a Path when it is a complete reaemb-trl checkpoint; ExportError saying what to do otherwise."""
-    from reaemb_trl.checkpointing import CONFIG_FILE, THOUGHT_FILE
+    from reaemb_trl.checkpointing import CONFIG_FILE, THOUGHT_FILE, CheckpointError, read_config
 
     folder = Path(folder)
     train = "train one with `accelerate launch recipes/lrcl.py --config recipes/configs/lrcl_tiny.yaml`"
@@ -62,9 +61,9 @@ def check_checkpoint(folder: str | os.PathLike) -> Path:
     if not (folder / CONFIG_FILE).is_file():
         raise ExportError(f"{folder} is not a reaemb-trl checkpoint (no {CONFIG_FILE}): {train} or pass --backbone")
     try:
-        json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{folder / CONFIG_FILE} is not readable JSON ({exc}): save the checkpoint again") from None
+        read_config(folder)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     if not (folder / THOUGHT_FILE).is_file():
         raise ExportError(f"{folder} is an incomplete checkpoint (no {THOUGHT_FILE}): save or train it again")
     return folder
@@ -82,10 +81,10 @@ def load_backbone(backbone: str, pooling: str, formatter=None):
 
 def embedding_width(checkpoint: Path | None, backbone: str | None) -> int:
     """The model's hidden size from its config files alone (no weights), to check --pca before any work."""
-    from reaemb_trl.checkpointing import CONFIG_FILE
+    from reaemb_trl.checkpointing import read_config
 
     if checkpoint is not None:
-        return int(json.loads((checkpoint / CONFIG_FILE).read_text())["hidden_size"])
+        return int(read_config(checkpoint)["hidden_size"])
     from transformers import AutoConfig
 
     from reaemb_trl.assets import resolve_model_path

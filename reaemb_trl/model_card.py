@@ -86,10 +86,10 @@ def _markdown_value(value: Any) -> str:
 def model_card(folder: str | os.PathLike, repo_id: str, results: str | os.PathLike | None = None) -> str:
     """The README.md written for an embedding generator: what it is, three-line usage, the training configuration,
     the evaluation table when one exists, and the ReaEmb citation."""
-    from reaemb_trl.checkpointing import CONFIG_FILE, TRAINING_CONFIG_FILE
+    from reaemb_trl.checkpointing import TRAINING_CONFIG_FILE, read_config
 
     folder = Path(folder)
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = read_config(folder)
     table = find_results(folder, results)  # first: a missing results file fails before any other work
     backbone = config.get("backbone")
     backbone_text = (
