@@ -289,14 +289,15 @@ def export_raw_table(settings: QuickstartSettings, data: RecDataset) -> dict:
     """The raw table: the bare backbone with the trained checkpoints' prompt format and pooling, no thought (the
     baseline of the LLM tables; train_crrl writes those); the warm items, then the cold ones as `reaemb encode
     --backbone` adds them."""
+    from reaemb_trl.checkpointing import read_config
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.export import export_table
+    from reaemb_trl.prompt import ItemPromptFormatter
 
     path = settings.output / "tables" / "raw.safetensors"
-    crrl = ThoughtEmbedder.from_pretrained(settings.output / "crrl", device=settings.device)
-    raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=crrl.formatter, pooling=crrl.pooling)
-    del crrl
-    raw = raw.to(settings.device)
+    trained = settings.output / "crrl"  # its prompt format and pooling, read from its files (no model loaded)
+    raw = ThoughtEmbedder.from_backbone(settings.backbone, formatter=ItemPromptFormatter.load(trained),
+                                        pooling=read_config(trained)["pooling"]).to(settings.device)
     export_table(raw, _warm_items(settings, data), path, source=settings.backbone, without_thought=True,
                  batch_size=settings.export_batch, pca=settings.export_pca)
     added = _add_cold_items(settings, data, path, raw)
