@@ -4,7 +4,8 @@
 
 A checkpoint folder:
   reaemb_config.json           written last: a folder with it is complete
-  thought_module.safetensors   the thought module's own state dict (q_proj.*, k_proj.*, v_proj.*)
+  thought_module.safetensors   the thought module's own state dict (q_proj.*, k_proj.*, v_proj.*; output_gain with
+                               thought_scale "token")
   prompt_format.json, tokenizer files
   adapter/                     the LoRA adapter (peft), when the LLM has one
   backbone/                    the backbone weights, when they have no name to load them by
@@ -137,7 +138,10 @@ def load_embedder(cls, folder: str | os.PathLike, *, backbone=None, dtype=None, 
 
         with quiet_peft():
             model = PeftModel.from_pretrained(model, folder / ADAPTER_DIR, is_trainable=is_trainable)
-    thought_module = load_thought_state(LatentThoughtModule(config["hidden_size"], config["rope_base"]), folder)
+    # thought_keys / thought_scale: absent from checkpoints written before they existed, which used the defaults
+    module = LatentThoughtModule(config["hidden_size"], config["rope_base"], config.get("thought_keys", "all"),
+                                 config.get("thought_scale", "none"))
+    thought_module = load_thought_state(module, folder)
     embedder = cls(
         model,
         tokenizer,
@@ -190,8 +194,12 @@ def load_temperature(folder: str | os.PathLike) -> torch.Tensor:
 def save_embedder(
     embedder, folder: str | os.PathLike, include_backbone: bool | None = None, state_dict: dict | None = None
 ) -> None:
-    """Write adapter, thought module, prompt format, tokenizer and config of `embedder` into `folder` (see
-    `ThoughtEmbedder.save_pretrained`)."""
+    """Write adapter, thought module, prompt format, tokenizer and config of `embedder` into `folder`.
+
+    The backbone weights are stored too when `include_backbone` is true, or when the backbone has no name that can be
+    loaded again (e.g. a model built in-process). `state_dict` (names as in `embedder.state_dict()`: `model.*`,
+    `thought_module.*`) is written instead of the live weights when given: under DeepSpeed ZeRO-3 the live parameters
+    are partitioned (empty local tensors) and the gathered full state dict is the only copy."""
     folder = Path(folder)
     if include_backbone is None:
         include_backbone = embedder.backbone is None
@@ -225,6 +233,8 @@ def save_embedder(
             "pooling": embedder.pooling,
             "hidden_size": embedder.thought_module.hidden_size,
             "rope_base": embedder.thought_module.rope_base,
+            "thought_keys": embedder.thought_module.keys,
+            "thought_scale": embedder.thought_module.scale,
             "adapter": has_adapter,
             "architecture": (embedder.config.architectures or [None])[0],
         }

@@ -20,7 +20,7 @@ class PrefixStates:
     mask: torch.Tensor  # (B, P) bool, real tokens
     lengths: torch.Tensor  # (B,) real-token counts = position of the thought token
     past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (B, heads, P, head_dim)
-    pool_mask: torch.Tensor | None = None  # (B, P) bool, prefix tokens that `item_mean` pooling counts
+    pool_mask: torch.Tensor | None = None  # (B, P) bool, the item's own tokens (item_mean pools; item thought keys)
 
     def select(self, rows: torch.Tensor) -> "PrefixStates":
         kv = None if self.past_key_values is None else [(k[rows], v[rows]) for k, v in self.past_key_values]
@@ -119,3 +119,12 @@ def sharing_blockers(model: nn.Module) -> set[str]:
         if isinstance(m, nn.Dropout) and m.p > 0 and m.training:
             blockers.add("dropout")
     return blockers
+
+
+# the poolings that read only the positions after the prefix (the thought's and EOS's states)
+SUFFIX_POOLINGS = ("last", "thought", "thought_eos")
+
+
+def pool_suffix(pooling: str, thought: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """The pooled vector of a SUFFIX_POOLINGS pooling from the (B, d) states at the thought and EOS positions."""
+    return eos if pooling == "last" else thought if pooling == "thought" else (thought + eos) / 2

@@ -39,6 +39,7 @@ from reaemb_trl.checkpointing import (
     save_embedder,
 )
 from reaemb_trl.decoder_io import (
+    SUFFIX_POOLINGS,
     PrefixStates,
     activation_checkpointing_on,
     cache_argument,
@@ -46,6 +47,7 @@ from reaemb_trl.decoder_io import (
     decoder_of,
     layer_keys_values,
     pad_ids,
+    pool_suffix,
     real_positions,
     sharing_blockers,
     span_mask,
@@ -54,8 +56,9 @@ from reaemb_trl.prompt import ItemPromptFormatter, add_thought_token
 from reaemb_trl.thought_module import LatentThoughtModule
 
 # mean: all real tokens; last: the EOS state; item_mean: the item's own tokens (not the prompt template), the
-# thought and EOS.
-POOLINGS = ("mean", "last", "item_mean")
+# thought and EOS; thought: the state at the thought position; thought_eos: the mean of the thought and EOS states
+# (these two give the thought far more say in the table: reaemb_trl/thought_leverage.py).
+POOLINGS = ("mean", "last", "item_mean", "thought", "thought_eos")
 MIN_TEMPLATE_TOKENS = 8  # a shorter common prefix is not worth its own pass
 
 
@@ -72,6 +75,8 @@ class ThoughtEmbedder(nn.Module):
         backbone: str | None = None,
         rope_base: float = 1000.0,
         share_template: bool | None = None,
+        thought_keys: str = "all",
+        thought_scale: str = "none",
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -85,8 +90,8 @@ class ThoughtEmbedder(nn.Module):
         self.tokenizer = tokenizer
         self.formatter = formatter or ItemPromptFormatter()
         self.thought_token_id = add_thought_token(tokenizer, model, self.formatter.thought_token)
-        hidden_size = model.config.get_text_config().hidden_size
-        self.thought_module = thought_module or LatentThoughtModule(hidden_size, rope_base)
+        self.thought_module = thought_module or LatentThoughtModule.for_model(
+            model, rope_base, thought_keys, thought_scale, skip_ids=(self.thought_token_id,))
         self.pooling = pooling
         self.backbone = backbone
         # The wrapper is what Trainer sees; these make it look enough like a PreTrainedModel.
@@ -105,6 +110,8 @@ class ThoughtEmbedder(nn.Module):
         quantization: str | None = None,
         attn_implementation: str | None = None,
         rope_base: float = 1000.0,
+        thought_keys: str = "all",
+        thought_scale: str = "none",
     ) -> "ThoughtEmbedder":
         """Load a causal LM by short name (`smollm2`), hub id or folder; attach a LoRA adapter if `lora` is a
         `peft.LoraConfig`; `quantization="4bit"` loads the backbone in bitsandbytes nf4 (QLoRA)."""
@@ -117,7 +124,8 @@ class ThoughtEmbedder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if Path(backbone).is_dir():  # a local folder: record where it is, not where we were
             backbone = str(Path(backbone).resolve())
-        embedder = cls(model, tokenizer, formatter=formatter, pooling=pooling, backbone=backbone, rope_base=rope_base)
+        embedder = cls(model, tokenizer, formatter=formatter, pooling=pooling, backbone=backbone, rope_base=rope_base,
+                       thought_keys=thought_keys, thought_scale=thought_scale)
         if lora is not None:
             embedder.attach_lora(lora)
         return embedder
@@ -223,12 +231,11 @@ class ThoughtEmbedder(nn.Module):
             out = body(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=use_cache)
             hidden = out.last_hidden_state
         kv = layer_keys_values(out) if use_cache else None
-        pool = span_mask(mask, self.item_spans(prefix_ids), 0) if self.pooling == "item_mean" else None
-        return PrefixStates(hidden, mask, mask.sum(-1), kv, pool)
+        return PrefixStates(hidden, mask, mask.sum(-1), kv, span_mask(mask, self.item_spans(prefix_ids), 0))
 
     def thought_vector(self, prefix: PrefixStates) -> torch.Tensor:
         """r = mu(x): the thought vector from the detached prefix states (pass 1 sends no gradient into the LLM)."""
-        return self.thought_module(prefix.hidden.detach(), prefix.mask)
+        return self.thought_module(prefix.hidden.detach(), prefix.mask, prefix.pool_mask)
 
     def embed_from_thought(self, prefix: PrefixStates, thought_vector: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings with `thought_vector` (B, d) written at the thought position, running only (thought,
@@ -253,8 +260,8 @@ class ThoughtEmbedder(nn.Module):
             **{cache_argument(body): cache},
         )
         states = out.last_hidden_state  # (B, 2, d)
-        if self.pooling == "last":
-            return states[:, -1]
+        if self.pooling in SUFFIX_POOLINGS:
+            return pool_suffix(self.pooling, states[:, 0], states[:, 1])
         pool = prefix.mask
         if self.pooling == "item_mean":
             if prefix.pool_mask is None:
@@ -282,8 +289,8 @@ class ThoughtEmbedder(nn.Module):
             hidden = decoder_of(self.model)(
                 input_ids=ids, attention_mask=mask.long(), position_ids=real_positions(mask)
             ).last_hidden_state
-        before = torch.arange(ids.shape[1], device=ids.device) < thought_at.unsqueeze(1)
-        return self.thought_module(hidden, mask & before)
+        before = mask & (torch.arange(ids.shape[1], device=ids.device) < thought_at.unsqueeze(1))
+        return self.thought_module(hidden, before, span_mask(before, self.item_spans(prefix_ids), 0))
 
     def embed_literal(self, prefix_ids: Sequence[Sequence[int]], padding_side: str = "left") -> torch.Tensor:
         """The two full passes of the method as written."""
@@ -302,9 +309,10 @@ class ThoughtEmbedder(nn.Module):
         states = body(
             inputs_embeds=embeds, attention_mask=mask.long(), position_ids=real_positions(mask)
         ).last_hidden_state
-        if self.pooling == "last":
+        if self.pooling in SUFFIX_POOLINGS:
             last = torch.where(mask, torch.arange(ids.shape[1], device=ids.device), -1).argmax(-1)
-            return states[torch.arange(ids.shape[0], device=ids.device), last]
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            return pool_suffix(self.pooling, states[rows, last - 1], states[rows, last])
         return self._pool_mean(states, mask, prefix_ids, tail=2)
 
     def _pool_mean(self, states, mask, prefix_ids, tail: int) -> torch.Tensor:
@@ -315,9 +323,10 @@ class ThoughtEmbedder(nn.Module):
         return total / mask.sum(-1, keepdim=True).to(states.dtype)
 
     def embed_without_thought(self, prefix_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The no-fine-tuning baseline: the same prompt and pooling with EOS but no thought token."""
+        """The no-fine-tuning baseline: the same prompt and pooling with EOS but no thought token (there the
+        thought poolings read EOS, all that follows the prefix)."""
         prefix = self.encode_prefix([list(p) + [self.tokenizer.eos_token_id] for p in prefix_ids], use_cache=False)
-        if self.pooling == "last":
+        if self.pooling in SUFFIX_POOLINGS:
             return prefix.hidden[:, -1]  # left padding: the last column is every row's EOS
         return self._pool_mean(prefix.hidden, prefix.mask, prefix_ids, tail=1)
 
@@ -372,7 +381,7 @@ class ThoughtEmbedder(nn.Module):
         def run(ids):
             prefix = self.encode_prefix(ids)
             return {
-                name: self.embed_from_thought(prefix, module(prefix.hidden, prefix.mask))
+                name: self.embed_from_thought(prefix, module(prefix.hidden, prefix.mask, prefix.pool_mask))
                 for name, module in modules.items()
             }
 
@@ -403,12 +412,9 @@ class ThoughtEmbedder(nn.Module):
     def save_pretrained(
         self, folder: str | os.PathLike, include_backbone: bool | None = None, state_dict: dict | None = None
     ) -> None:
-        """Write adapter, thought module, prompt format, tokenizer and config into `folder`.
-
-        The backbone weights are stored too when `include_backbone` is true, or when the backbone has no name
-        that can be loaded again (e.g. a model built in-process). `state_dict` (names as in `self.state_dict()`:
-        `model.*`, `thought_module.*`) is written instead of the live weights when given: under DeepSpeed ZeRO-3 the
-        live parameters are partitioned (empty local tensors) and the gathered full state dict is the only copy."""
+        """Write adapter, thought module, prompt format, tokenizer and config into `folder`; the backbone weights
+        too when `include_backbone`, or when the backbone has no loadable name (see `checkpointing.save_embedder`,
+        which also says what `state_dict` is for)."""
         save_embedder(self, folder, include_backbone, state_dict)
 
     @classmethod
@@ -432,7 +438,7 @@ class ThoughtEmbedder(nn.Module):
 
     def thought_module_from(self, folder: str | os.PathLike) -> LatentThoughtModule:
         """The thought module of another checkpoint folder, shaped like this embedder's, on its device."""
-        module = LatentThoughtModule(self.thought_module.hidden_size, self.thought_module.rope_base)
+        module = LatentThoughtModule(self.thought_module.hidden_size, **self.thought_module.options())
         return load_thought_state(module, folder).to(self.device)
 
     def same_adapter_as(self, folder: str | os.PathLike) -> bool:

@@ -321,7 +321,9 @@ def embedder_fingerprint(embedder, thought_module: nn.Module | None) -> str:
         state = get_peft_model_state_dict(embedder.model, save_embedding_layers=False)
         tensors.update({f"adapter.{k}": v for k, v in state.items()})
         adapter_settings = _adapter_settings(embedder.model.peft_config["default"].to_dict())
-    return _fingerprint(embedder.backbone, embedder.pooling, embedder.formatter.to_dict(), adapter_settings, tensors)
+    keys = getattr(thought_module, "keys", "all") if thought_module is not None else "all"
+    return _fingerprint(embedder.backbone, embedder.pooling, embedder.formatter.to_dict(), adapter_settings, tensors,
+                        keys)
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike, *, without_thought: bool = False) -> str:
@@ -344,7 +346,8 @@ def checkpoint_fingerprint(folder: str | os.PathLike, *, without_thought: bool =
         adapter_settings = _adapter_settings(json.loads((folder / ADAPTER_DIR / ADAPTER_CONFIG_FILE).read_text()))
     backbone = None if config.get("backbone_in_folder") else config.get("backbone")
     formatter = ItemPromptFormatter.load(folder)
-    return _fingerprint(backbone, config["pooling"], formatter.to_dict(), adapter_settings, tensors)
+    keys = "all" if without_thought else config.get("thought_keys", "all")
+    return _fingerprint(backbone, config["pooling"], formatter.to_dict(), adapter_settings, tensors, keys)
 
 
 def backbone_fingerprint(backbone: str, pooling: str, prompt_format: Mapping[str, Any]) -> str:
@@ -365,13 +368,18 @@ def _fingerprint(
     prompt_format: Mapping[str, Any],
     adapter_settings: Mapping[str, Any] | None,
     tensors: Mapping[str, torch.Tensor],
+    thought_keys: str = "all",
 ) -> str:
     """sha256 over the settings (canonical JSON) and each tensor's name, shape and float32 bytes, in name order.
 
-    Tensor contents, not file bytes: the same weights give the same fingerprint however they were serialised."""
+    Tensor contents, not file bytes: the same weights give the same fingerprint however they were serialised.
+    `thought_keys` shapes the vectors without being a tensor; it enters only when not the default, so tables
+    written before the option keep their fingerprints."""
     digest = hashlib.sha256()
     settings = {"backbone": backbone or None, "pooling": pooling, "prompt_format": dict(prompt_format),
                 "adapter": adapter_settings}  # fmt: skip
+    if thought_keys != "all":
+        settings["thought_keys"] = thought_keys
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(tensors):
         value = tensors[name].detach().to("cpu", torch.float32).contiguous()

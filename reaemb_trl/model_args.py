@@ -45,13 +45,27 @@ class ModelArguments:
     # ---- embedding --------------------------------------------------------------------------------------------
     pooling: str = field(
         default="mean",
-        metadata={"help": "How the last hidden layer becomes the embedding: `mean` (all tokens), `last` (EOS) or "
-                  "`item_mean` (the item's own tokens, thought and EOS: not the prompt template). CRRL: only without "
-                  "lrcl_checkpoint (a checkpoint keeps its pooling)."},
+        metadata={"help": "How the last hidden layer becomes the embedding: `mean` (all tokens), `last` (EOS), "
+                  "`item_mean` (the item's own tokens, thought and EOS: not the prompt template), `thought` (the state "
+                  "at the thought position) or `thought_eos` (the mean of the thought and EOS states: the thought "
+                  "then decides most of the embedding). CRRL: only without lrcl_checkpoint (a checkpoint keeps its "
+                  "pooling)."},
     )
     thought_rope_base: float = field(
         default=1000.0,
         metadata={"help": "RoPE base of the thought module's attention. CRRL: only without lrcl_checkpoint."},
+    )
+    thought_keys: str = field(
+        default="all",
+        metadata={"help": "What the thought module's attention reads: `all` (every token before the thought, prompt "
+                  "template included: the paper's) or `item` (the item's own tokens only; the query stays the last "
+                  "token before the thought). CRRL: only without lrcl_checkpoint (a checkpoint keeps its own)."},
+    )
+    thought_scale: str = field(
+        default="none",
+        metadata={"help": "The thought vector's scale: `none` (as the attention writes it: the paper's) or `token` "
+                  "(normalised to a learnable norm that starts at the backbone's median token-embedding norm, so "
+                  "the thought enters the sequence at a token's scale). CRRL: only without lrcl_checkpoint."},
     )
     # ---- item prompt ------------------------------------------------------------------------------------------
     max_item_tokens: int = field(
@@ -94,10 +108,15 @@ class ModelArguments:
         if parent is not None:
             parent()
         from reaemb_trl.embedder import POOLINGS
+        from reaemb_trl.thought_module import THOUGHT_KEYS, THOUGHT_SCALES
 
         name = type(self).__name__
         if self.pooling not in POOLINGS:
             raise ValueError(f"{name}.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.thought_keys not in THOUGHT_KEYS:
+            raise ValueError(f"{name}.thought_keys must be one of {THOUGHT_KEYS}, got {self.thought_keys!r}")
+        if self.thought_scale not in THOUGHT_SCALES:
+            raise ValueError(f"{name}.thought_scale must be one of {THOUGHT_SCALES}, got {self.thought_scale!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"{name}.quantization must be None or '4bit', got {self.quantization!r}")
         if self.lora_layers is not None and self.lora_layers < 1:
@@ -111,7 +130,7 @@ class ModelArguments:
 
     def backbone_embedder(self):
         """The `ThoughtEmbedder` these fields name (backbone, prompt format, pooling, dtype, quantisation, attention
-        kernel, thought RoPE base) with a fresh thought module and no LoRA: LRCL's start, and CRRL's without an LRCL
+        kernel, thought RoPE base, keys and scale) with a fresh thought module and no LoRA: LRCL's start, and CRRL's without an LRCL
         checkpoint."""
         from reaemb_trl.embedder import ThoughtEmbedder
 
@@ -123,5 +142,7 @@ class ModelArguments:
             quantization=self.quantization,
             attn_implementation=self.attn_implementation,
             rope_base=self.thought_rope_base,
+            thought_keys=self.thought_keys,
+            thought_scale=self.thought_scale,
         )
 

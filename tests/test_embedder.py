@@ -46,7 +46,7 @@ def test_thought_vector_changes_output_and_pass_one_sends_no_gradient_into_llm()
     assert all(p.grad is None for p in embedder.model.parameters())
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "thought_eos"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fast_path_equals_literal_two_pass_in_values_and_gradients(family, side, pooling):

@@ -155,6 +155,26 @@ def test_checkpoint_fingerprint_equals_the_loaded_embedders_and_tracks_what_chan
     assert embedder_fingerprint(embedder, embedder.thought_module) != fingerprint
 
 
+def test_thought_keys_enter_the_fingerprint_though_no_tensor_changes(tmp_path):
+    from reaemb_trl.embedder import ThoughtEmbedder
+
+    from conftest import tiny_causal_lm, tiny_tokenizer
+
+    def embedder(keys):
+        torch.manual_seed(0)
+        return ThoughtEmbedder(tiny_causal_lm("llama", seed=0), tiny_tokenizer(), thought_keys=keys)
+
+    every, own = embedder("all"), embedder("item")
+    assert all(torch.equal(a, b) for a, b in zip(every.thought_module.state_dict().values(),
+                                                 own.thought_module.state_dict().values()))
+    fingerprint = embedder_fingerprint(own, own.thought_module)
+    assert fingerprint != embedder_fingerprint(every, every.thought_module)
+    own.save_pretrained(tmp_path / "ckpt")
+    assert checkpoint_fingerprint(tmp_path / "ckpt") == fingerprint
+    # without the thought, the keys change nothing
+    assert checkpoint_fingerprint(tmp_path / "ckpt", without_thought=True) == embedder_fingerprint(every, None)
+
+
 def test_bare_backbone_fingerprint_is_name_pooling_and_prompt_format():
     embedder = tiny_embedder()
     embedder.backbone = "smollm2"

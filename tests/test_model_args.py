@@ -16,7 +16,7 @@ from reaemb_trl.model_args import ModelArguments
 # The defaults LRCLConfig had before the fields moved into ModelArguments (CRRL: model_name_or_path None).
 DEFAULTS = dict(
     model_name_or_path="smollm2", model_dtype=None, attn_implementation=None, quantization=None, pooling="mean",
-    thought_rope_base=1000.0, max_item_tokens=256, max_value_chars=100, share_template=None, use_lora=True, lora_r=8,
+    thought_rope_base=1000.0, thought_keys="all", thought_scale="none", max_item_tokens=256, max_value_chars=100, share_template=None, use_lora=True, lora_r=8,
     lora_alpha=32, lora_dropout=0.1, lora_layers=None,
     lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 )  # fmt: skip
