@@ -14,10 +14,10 @@ class ExportError(ValueError):
     """An export or encode cannot run as asked (bad checkpoint, mismatched model, ...); the message says what to do."""
 
 
-def load_catalogue(data: str) -> list[dict]:
-    """Items of a canonical dataset folder, its items.jsonl, or `ml-100k`; ExportError saying what to run."""
+def dataset_path(data: str) -> Path:
+    """The path of a canonical dataset folder (or its items.jsonl), or of `ml-100k`; ExportError saying what to run."""
     from reaemb_trl.assets import resolve_dataset
-    from reaemb_trl.data.canonical import ITEMS_FILE, read_items
+    from reaemb_trl.data.canonical import ITEMS_FILE
 
     try:
         path = resolve_dataset(data)
@@ -28,7 +28,29 @@ def load_catalogue(data: str) -> list[dict]:
             f"{path} is not a canonical dataset folder (no {ITEMS_FILE}): convert your data with "
             "`reaemb data convert --format ... --input ... --output DIR` and pass DIR"
         )
-    return read_items(path)
+    return path
+
+
+def load_catalogue(data: str) -> list[dict]:
+    """Items of a canonical dataset folder, its items.jsonl, or `ml-100k`; ExportError saying what to run."""
+    from reaemb_trl.data.canonical import read_items
+
+    return read_items(dataset_path(data))
+
+
+def load_dataset(data: str):
+    """Items and interactions (a `RecDataset`) of a canonical dataset folder or `ml-100k`; ExportError saying what
+    to pass when there are no interactions."""
+    from reaemb_trl.data.canonical import INTERACTIONS_FILE, RecDataset
+
+    path = dataset_path(data)
+    folder = path if path.is_dir() else path.parent  # given its items.jsonl
+    if not (folder / INTERACTIONS_FILE).is_file():
+        raise ExportError(
+            f"{folder} has no {INTERACTIONS_FILE}: the co-occurrence projection trains on interactions; pass the "
+            "canonical folder that `reaemb data convert` wrote (items.jsonl and interactions.csv)"
+        )
+    return RecDataset.load(folder)
 
 
 def check_output(output: Path) -> None:

@@ -1,5 +1,9 @@
 """`reaemb export`: write an item-embedding table from a checkpoint or a bare backbone.
 
+`--cooccurrence-projection` (with `--backbone`) writes the text reference table instead (see
+`reaemb_trl.cooccurrence_projection`): a linear map of the item text's input token embeddings, trained on the
+training co-occurrence of `--data`.
+
 `--num-processes N` launches N processes with accelerate that run this same command and share the items between
 them; `accelerate launch [--multi_gpu] --num_processes N -m reaemb_trl.cli export ...` does the same directly.
 Expected failures (a folder that is not a checkpoint, a dataset that is not one, ...) end in one `error:` line and
@@ -26,10 +30,22 @@ def export_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (with several processes: cpu or cuda)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Processes sharing the items (launched with accelerate); a rerun reuses finished parts."),
+    cooccurrence_projection: bool = typer.Option(False, "--cooccurrence-projection", help="With --backbone: the text reference table instead (the mean of the backbone's input token embeddings of each item's text, no transformer pass, through a linear map trained on --data's training co-occurrence; seconds on a CPU)."),
+    projection_dim: int = typer.Option(64, "--projection-dim", help="Dimension of the --cooccurrence-projection table."),
+    projection_steps: int = typer.Option(300, "--projection-steps", help="Training steps of the --cooccurrence-projection map."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --cooccurrence-projection map."),
+    cold_items: float = typer.Option(0.0, "--cold-items", help="With --cooccurrence-projection: share of the catalogue drawn as cold items (as `reaemb evaluate --cold-items`), whose interactions the map never sees; they still get a row."),
+    cold_item_seed: int = typer.Option(0, "--cold-item-seed", help="Seed of the cold-item draw."),
 ) -> None:
     """Encode every item once and write `embeddings` + item ids + metadata as safetensors."""
     if (checkpoint is None) == (backbone is None):
         raise typer.BadParameter("give exactly one of --checkpoint (a trained model) or --backbone (the baseline)")
+    if not cooccurrence_projection and cold_items:
+        fail("--cold-items applies to --cooccurrence-projection only (a plain export reads no interactions)")
+    if cooccurrence_projection:
+        export_reference(data, output, backbone, pca, num_processes, projection_dim, projection_steps, seed,
+                         cold_items, cold_item_seed)
+        return
     from reaemb_trl.embedder import POOLINGS
 
     if pooling not in POOLINGS:
@@ -94,3 +110,30 @@ def run_export(
         source, without_thought = backbone, True
     return export_table(embedder, items, output, source=source, without_thought=without_thought,
                         batch_size=batch_size, pca=pca, dtype=dtype)  # fmt: skip
+
+
+def export_reference(data: str, output: Path, backbone: str | None, pca: int | None, num_processes: int, dim: int,
+                     steps: int, seed: int, cold_items: float, cold_item_seed: int) -> None:
+    """`--cooccurrence-projection`: the text reference table (reaemb_trl.cooccurrence_projection), one process."""
+    if backbone is None:
+        fail("--cooccurrence-projection reads a bare backbone's input embeddings: pass --backbone, not --checkpoint")
+    if pca is not None or num_processes != 1:
+        fail("--cooccurrence-projection takes neither --pca (choose --projection-dim) nor --num-processes (it runs "
+             "in seconds in one process)")  # fmt: skip
+    if dim < 1 or steps < 1:
+        fail(f"--projection-dim and --projection-steps must be at least 1, got {dim} and {steps}")
+    if not 0.0 <= cold_items < 1.0:
+        fail(f"--cold-items is a share of the catalogue in [0, 1), got {cold_items}")
+    try:
+        from reaemb_trl.cooccurrence_projection import build_reference_table
+        from reaemb_trl.data.cold import cold_item_ids
+        from reaemb_trl.export_inputs import check_output, load_dataset
+
+        check_output(output)
+        dataset = load_dataset(data)
+        cold = cold_item_ids(dataset.item_ids, cold_items, cold_item_seed)
+        path = build_reference_table(backbone, dataset, cold, output, seed=seed, dim=dim, steps=steps)
+    except expected_errors() as exc:
+        fail(exc)
+    typer.echo(f"wrote {len(dataset.items)} item embeddings (co-occurrence projection, {len(cold)} cold items "
+               f"excluded from its training) to {path}")  # fmt: skip
