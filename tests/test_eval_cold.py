@@ -141,6 +141,53 @@ def test_the_id_model_ranks_cold_items_from_untrained_rows(loss, monkeypatch):
     assert not torch.equal(weights[1:], init[1:])
 
 
+def test_id_dropout_leaves_out_id_rows_only_in_training_and_zeroes_the_cold_rows():
+    from reaemb_trl.evaluation.tables import HybridTable
+
+    torch.manual_seed(0)
+    table = HybridTable(torch.randn(9, 12), 9, 8, 16, id_dropout=0.5, unseen=[3, 7])
+    ids = table.ids.embedding.weight.detach()
+    assert torch.equal(ids[[3, 7]], torch.zeros(2, 8)) and ids[[1, 2, 4]].abs().sum() > 0
+    llm = table.llm.all_items().detach()
+    table.train()
+    left_out = (table.all_items().detach() - llm).abs().sum(1) == 0
+    assert 2 < int(left_out[1:].sum()) < 8  # about half of the rows, never all or none
+    table.eval()
+    torch.testing.assert_close(table.all_items().detach(), ids + llm)
+    idx = torch.tensor([[1, 2, 3, 0]])
+    torch.testing.assert_close(table(idx).detach(), (ids + llm)[idx] * (idx != 0).unsqueeze(-1))
+    plain = HybridTable(torch.randn(9, 12), 9, 8, 16, unseen=[3, 7])  # the plain hybrid keeps its random rows
+    assert plain.ids.embedding.weight[[3, 7]].abs().sum() > 0
+    with pytest.raises(ValueError, match="id_dropout is a probability"):
+        EvalConfig(id_dropout=1.0)
+
+
+def test_a_hybrid_with_id_dropout_never_trains_the_cold_rows(monkeypatch, tmp_path):
+    import reaemb_trl.evaluation.models as models
+
+    built = {}
+    real = models.build_model
+
+    def keep(*args, **kwargs):
+        built["model"] = real(*args, **kwargs)
+        built["init"] = built["model"].table.ids.embedding.weight.detach().clone()
+        return built["model"]
+
+    monkeypatch.setattr(models, "build_model", keep)
+    split = leave_one_out(_dataset(), COLD)
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "table.safetensors")
+    save_file({"embeddings": torch.randn(9, 6)}, path, metadata={"item_ids": json.dumps(split.item_ids)})
+    config = EvalConfig(model="sasrec", hidden=8, max_len=4, layers=1, heads=1, batch_size=2, max_epochs=3,
+                        patience=3, lr=0.05, table_mode="hybrid", id_dropout=0.3)
+    train_and_evaluate(split, path, config, progress=False)
+    weights, init = built["model"].table.ids.embedding.weight.detach(), built["init"]
+    assert torch.equal(init[split.cold], torch.zeros(len(split.cold), 8))
+    assert torch.equal(weights[split.cold], init[split.cold])
+    assert not torch.equal(weights[1:], init[1:])
+
+
 # ---- compare_tables, the report, the run store and the CLI --------------------------------------------------------
 def _toy(users=40, n_items=20) -> RecDataset:
     rng = np.random.default_rng(0)

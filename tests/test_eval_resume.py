@@ -97,7 +97,7 @@ def test_unknown_compare_name_bad_seeds_and_bad_tables_fail_before_any_run(tmp_p
 
 # ---------- finished runs on disk, resume, fingerprint ----------
 
-def test_a_rerun_resumes_from_the_finished_runs_and_refuses_other_settings(tmp_path, monkeypatch):
+def test_a_rerun_resumes_from_the_finished_runs_grows_and_refuses_other_settings(tmp_path, monkeypatch):
     data = _dataset(tmp_path / "data")
     table = _table(tmp_path / "llm.safetensors", torch.randn(N_ITEMS, 8))
     config = EvalConfig(model="gru4rec", hidden=16, max_len=8, batch_size=16, max_epochs=2, patience=2)
@@ -114,11 +114,24 @@ def test_a_rerun_resumes_from_the_finished_runs_and_refuses_other_settings(tmp_p
     with pytest.raises(ValueError, match=r"other settings \(differing: config\).*another --output.*delete"):
         compare_tables(data, tables, seeds=[3], config=EvalConfig(**{**config.as_dict(), "lr": 1}), progress=False,
                        runs_dir=runs)  # fmt: skip
-    with pytest.raises(ValueError, match=r"other settings \(differing: seeds\)"):
-        compare_tables(data, tables, seeds=2, config=config, progress=False, runs_dir=runs)
+    # added seeds and tables run alone; a table file whose rows changed runs again; the finished runs are kept
+    other = _table(tmp_path / "other.safetensors", torch.randn(N_ITEMS, 8))
     _table(table, torch.randn(N_ITEMS, 8))  # same name, other rows
-    with pytest.raises(ValueError, match=r"other settings \(differing: tables\)"):
-        compare_tables(data, tables, seeds=[3], config=config, progress=False, runs_dir=runs)
+    import reaemb_trl.evaluation.compare as compare
+
+    ran = []
+    real = compare.train_and_evaluate
+
+    def counted(split, spec, *args, **kwargs):
+        ran.append((spec.name, args[1] if len(args) > 1 else kwargs.get("seed")))
+        return real(split, spec, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(compare, "train_and_evaluate", counted)
+        grown = compare_tables(data, [*tables, str(other)], seeds=[3, 4], config=config, progress=False,
+                               runs_dir=runs)
+    assert sorted(ran) == [("id", 4), ("llm", 3), ("llm", 4), ("other", 3), ("other", 4)]
+    assert grown["tables"]["id"]["test_ranks"][0] == first["tables"]["id"]["test_ranks"][0]
     out = tmp_path / "cli"
     assert _evaluate("--data", str(data), "--tables", "mostpop", "--output", str(out)).exit_code == 0
     _one_error_line(_evaluate("--data", str(data), "--tables", "mostpop", "--tail-user", "3", "--output", str(out)),
@@ -213,3 +226,16 @@ def test_one_seed_tables_print_n_a_instead_of_a_zero_std(tmp_path):
     data = _dataset(tmp_path / "data")
     markdown = render_markdown(compare_tables(data, ["mostpop"], seeds=1, progress=False))
     assert "| mostpop | all | 40 | " in markdown and "± n/a" in markdown and "± 0.0000" not in markdown, markdown
+
+
+def test_a_table_written_again_with_the_same_content_keeps_its_digest(tmp_path):
+    from reaemb_trl.evaluation.run_store import file_digest
+    from reaemb_trl.item_table import write_table
+
+    rows = torch.randn(5, 4)
+    metadata = {f"key{k}": k for k in range(12)}  # the writer orders metadata keys at random
+    digests = {file_digest(write_table(tmp_path / f"t{n}.safetensors", rows, list("abcde"), metadata))
+               for n in range(4)}
+    assert len(digests) == 1
+    rows[2, 1] += 1e-3
+    assert file_digest(write_table(tmp_path / "changed.safetensors", rows, list("abcde"), metadata)) not in digests

@@ -38,6 +38,10 @@ def evaluate_command(
                                      "cold items (e.g. 0.1): their interactions leave every training signal and "
                                      "users whose target is one form the 'cold items' group. 0 = none."),
     cold_item_seed: int = typer.Option(0, "--cold-item-seed", help="Seed of the cold-item draw."),
+    id_dropout: float = typer.Option(0.0, "--id-dropout", help="Hybrid tables: while training, leave out each "
+                                     "item's ID row with this probability so items are also placed from their "
+                                     "table row alone (what an item without an ID row needs); cold items then get "
+                                     "a zero ID row. 0 = the plain hybrid."),
     normalization: str = typer.Option("center_scale", "--normalization", help="What the adapter reads: "
                                       "center_scale, whiten or none."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Extra paired test A:B (table names, e.g. "
@@ -85,7 +89,8 @@ def evaluate_command(
                             max_epochs=max_epochs, patience=patience, eval_every=eval_every, batch_size=batch_size,
                             hidden=hidden, max_len=max_len, lr=lr, sampled_softmax_above=sampled_softmax_above,
                             num_sampled=num_sampled, tail_user_threshold=tail_user, tail_item_threshold=tail_item,
-                            device=device, cold_items=cold_items, cold_item_seed=cold_item_seed)
+                            device=device, cold_items=cold_items, cold_item_seed=cold_item_seed,
+                            id_dropout=id_dropout)
         modes = list(table_mode) + (["ensemble"] if ensemble else [])
         results = compare_tables(data, specs, seeds, config, compare=list(compare or []), modes=modes,
                                  workers=workers, runs_dir=output / "runs")

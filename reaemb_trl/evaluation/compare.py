@@ -120,8 +120,12 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
     specs = table_specs(tables, modes)
     compare = list(compare)
     parts = ensemble_parts(specs)
-    pairs = default_pairs([spec.name for spec in specs], compare, baseline_pairs, references=list(parts))
+    default_pairs([spec.name for spec in specs], compare, baseline_pairs, references=list(parts))  # names checked now
     digests = check_table_files(specs, dataset.item_ids)
+
+    def source_digest(spec: TableSpec) -> str:  # what a finished run of `spec` must have been made from
+        return digests.get(spec.source, spec.source)
+
     split = leave_one_out(dataset, cold_item_ids(dataset.item_ids, config.cold_items, config.cold_item_seed))
     jobs = [(spec, seed) for spec in specs if spec.name not in parts
             for seed in (seeds[:1] if spec.source == MOSTPOP else seeds)]
@@ -133,13 +137,12 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
     if runs_dir is not None:
         store = RunStore(runs_dir, {
             "config": config.as_dict(), "training_dtype": str(config.training_dtype()),  # what `auto` meant here
-            "dataset": dataset_digest(dataset), "seeds": seeds,
-            "tables": [[spec.name, spec.mode, digests.get(spec.source, spec.source)] for spec in specs],
-            "pairs": pairs})
-        combined = [store.load(spec, seed) for spec, seed in ensembles]
+            "dataset": dataset_digest(dataset)})
+        combined = [store.load(spec, seed, source_digest(spec)) for spec, seed in ensembles]
         missing = {(part.name, seed) for (spec, seed), r in zip(ensembles, combined) if r is None
                    for part in parts[spec.name]}
-        results = [store.load(spec, seed, scoring=(spec.name, seed) in missing) for spec, seed in jobs]
+        results = [store.load(spec, seed, source_digest(spec), scoring=(spec.name, seed) in missing)
+                   for spec, seed in jobs]
         done = sum(r is not None for r in results)
         if done:
             print(f"resuming: {done} of {len(jobs)} runs already finished in {store.folder}", file=sys.stderr)
@@ -148,7 +151,7 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
     def finished(index: int, result: RunResult) -> None:
         results[index] = result
         if store is not None:
-            store.save(*jobs[index], result)
+            store.save(*jobs[index], result, source_digest(jobs[index][0]))
 
     if workers <= 1 or len(pending) <= 1:
         for index in tqdm(pending, desc="runs", disable=not progress):
@@ -175,7 +178,7 @@ def compare_tables(dataset, tables, seeds=1, config: EvalConfig | None = None, p
             id_spec, table_spec = parts[spec.name]
             combined[n] = ensemble_run(split, spec, config, by_run[id_spec.name, seed], by_run[table_spec.name, seed])
             if store is not None:
-                store.save(spec, seed, combined[n])
+                store.save(spec, seed, combined[n], source_digest(spec))
     runs: dict[str, list[RunResult]] = {spec.name: [] for spec in specs}
     for (spec, _), result in zip(jobs + ensembles, results + combined):
         result.scoring = None  # served the ensembles; not part of the results

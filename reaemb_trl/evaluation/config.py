@@ -58,6 +58,10 @@ class EvalConfig:
     # held-out target is cold form the `cold_item` group. 0: no cold items.
     cold_items: float = 0.0
     cold_item_seed: int = 0
+    # Hybrid tables only: while training, each item's ID row is left out (the item scored and read from its
+    # table row alone) with this probability, per item and batch, so the model learns to place items from text
+    # alone, as it must for an item it has no ID row for (DropoutNet's input dropout). 0: the plain hybrid.
+    id_dropout: float = 0.0
 
     def __post_init__(self):
         choices = {"model": MODELS, "loss": LOSSES, "history": HISTORY_RULES, "table_mode": TABLE_MODES,
@@ -71,6 +75,8 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.cold_items < 1.0:
             raise ValueError(f"EvalConfig.cold_items is a share of the catalogue in [0, 1), got {self.cold_items}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"EvalConfig.id_dropout is a probability in [0, 1), got {self.id_dropout}")
         self.ks = tuple(self.ks)
 
     def as_dict(self) -> dict:

@@ -3,9 +3,10 @@
 Each finished (table, mode, seed) run is written as it ends: `<table>__<mode>__seed<k>.npz` (its per-user test
 ranks; for a run a score ensemble combines, also its `ranking.Scoring`), then `<table>__<mode>__seed<k>.json` (the
 rest of its RunResult), each through a temporary file and a rename, so a run is either complete on disk or absent.
-`fingerprint.json` holds the settings the runs were made with (the EvalConfig, cold items included, the dataset's
-and the table files' digests, the seeds, the comparisons); a folder made with other settings is refused rather
-than mixed.
+`fingerprint.json` holds the settings every run shares (the EvalConfig, cold items included, and the dataset's
+digest); a folder made with other settings is refused rather than mixed. Each run's JSON also holds the digest of
+its table file: a run of a file that has changed since is run again, and tables or seeds added to a finished
+comparison run alone, beside the finished runs they are compared with.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ from reaemb_trl.evaluation.config import RunResult, TableSpec
 from reaemb_trl.evaluation.ranking import Scoring
 
 FINGERPRINT_FILE = "fingerprint.json"
+SOURCE_DIGEST = "source_digest"  # a run's JSON: the digest of the table file it was made from
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks: tables can be GBs)."""
+    """sha256 of a table file's content: its safetensors header with the keys in sorted order (the writer orders
+    the metadata at random, so the same table written twice differs in bytes), then the tensor bytes, read in 1 MiB
+    blocks (tables can be GBs)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError:  # not a safetensors file: its bytes as they are
+            handle.seek(0)
+        else:
+            digest.update(json.dumps(header, sort_keys=True).encode())
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -70,13 +81,15 @@ class RunStore:
         base = f"{name}__{spec.mode}__seed{seed}"
         return self.folder / f"{base}.json", self.folder / f"{base}.npz"
 
-    def load(self, spec: TableSpec, seed: int, scoring: bool = False) -> RunResult | None:
-        """The finished run of (spec, seed), or None when it has not finished (or, with `scoring`, when its
-        scoring was not kept)."""
+    def load(self, spec: TableSpec, seed: int, source_digest: str, scoring: bool = False) -> RunResult | None:
+        """The finished run of (spec, seed) made from the table whose digest is `source_digest`, or None when it has
+        not finished, was made from other table rows, or (with `scoring`) did not keep its scoring."""
         meta, ranks = self._paths(spec, seed)
         if not (meta.is_file() and ranks.is_file()):
             return None
         values = json.loads(meta.read_text(encoding="utf-8"))
+        if values.pop(SOURCE_DIGEST, None) != source_digest:
+            return None
         with np.load(ranks) as stored:
             values["test_ranks"] = [int(r) for r in stored["test_ranks"]]
             if scoring:
@@ -85,10 +98,12 @@ class RunStore:
                 values["scoring"] = Scoring(**{f.name: stored[f"scoring_{f.name}"] for f in fields(Scoring)})
         return RunResult(**values)
 
-    def save(self, spec: TableSpec, seed: int, result: RunResult) -> Path:
-        """Write one finished run: ranks (and scoring) first, then the JSON that marks it complete."""
+    def save(self, spec: TableSpec, seed: int, result: RunResult, source_digest: str) -> Path:
+        """Write one finished run of the table whose digest is `source_digest`: ranks (and scoring) first, then
+        the JSON that marks it complete."""
         meta, ranks_file = self._paths(spec, seed)
         values = {f.name: getattr(result, f.name) for f in fields(RunResult) if f.name not in ("test_ranks", "scoring")}
+        values[SOURCE_DIGEST] = source_digest
         arrays = {"test_ranks": np.asarray(result.test_ranks, dtype=np.int64)}
         if result.scoring is not None:
             arrays.update({f"scoring_{f.name}": getattr(result.scoring, f.name) for f in fields(Scoring)})

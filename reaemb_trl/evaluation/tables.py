@@ -104,25 +104,49 @@ class AdapterTable(nn.Module):
 
 
 class HybridTable(nn.Module):
-    """Learned ID embeddings plus the adapter's view of a frozen LLM table (LLM-ESR-style)."""
+    """Learned ID embeddings plus the adapter's view of a frozen LLM table (LLM-ESR-style).
+
+    `id_dropout` > 0: in training mode each call leaves out every item's ID row with that probability (the item is
+    then its adapter row alone), so the model learns to place an item from its text alone; the `unseen` items
+    (cold: no training interaction, so no learned ID) get a zero ID row, the convention a left-out ID was trained
+    with, instead of their untrained random one."""
 
     def __init__(self, frozen: torch.Tensor, num_items: int, hidden: int, adapter_hidden: int = 256,
-                 normalization: str = "center_scale"):
+                 normalization: str = "center_scale", id_dropout: float = 0.0, unseen: Sequence[int] = ()):
         super().__init__()
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"id_dropout is a probability in [0, 1), got {id_dropout}")
         self.ids = IDTable(num_items, hidden)
         self.llm = AdapterTable(frozen, hidden, adapter_hidden, normalization=normalization)
+        self.id_dropout = id_dropout
+        if id_dropout and len(unseen):
+            with torch.no_grad():  # never a training input or candidate, so no gradient ever moves these rows
+                self.ids.embedding.weight[torch.as_tensor(list(unseen))] = 0.0
+
+    def _id_kept(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """(rows, 1) 0/1 mask of the ID rows kept in this call (None: all of them)."""
+        if not (self.training and self.id_dropout):
+            return None
+        return (torch.rand(rows, 1, device=device) >= self.id_dropout).float()
 
     def all_items(self) -> torch.Tensor:
-        return self.ids.all_items() + self.llm.all_items()
+        ids = self.ids.all_items()
+        kept = self._id_kept(ids.shape[0], ids.device)
+        return (ids if kept is None else ids * kept) + self.llm.all_items()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.ids(idx) + self.llm(idx)
+        ids = self.ids(idx)
+        kept = self._id_kept(self.ids.embedding.num_embeddings, ids.device)
+        if kept is not None:
+            ids = ids * kept[idx]
+        return ids + self.llm(idx)
 
 
 def build_table(spec: str, item_ids: Sequence[str], hidden: int, adapter_hidden: int = 256, mode: str = "frozen",
-                normalization: str = "center_scale") -> nn.Module:
+                normalization: str = "center_scale", id_dropout: float = 0.0, unseen: Sequence[int] = ()) -> nn.Module:
     """`spec` is "id" or a path to a .safetensors embedding file, used in table `mode`:
-    frozen (adapter over the frozen table), init (trainable IDs initialised from its PCA) or hybrid (IDs + adapter)."""
+    frozen (adapter over the frozen table), init (trainable IDs initialised from its PCA) or hybrid (IDs + adapter;
+    `id_dropout` and the `unseen` item indices: see HybridTable)."""
     if spec == "id":
         return IDTable(len(item_ids), hidden)
     if mode not in TABLE_MODES:
@@ -131,5 +155,5 @@ def build_table(spec: str, item_ids: Sequence[str], hidden: int, adapter_hidden:
     if mode == "init":
         return IDTable(len(item_ids), hidden, init=pca_init(table, hidden))
     if mode == "hybrid":
-        return HybridTable(table, len(item_ids), hidden, adapter_hidden, normalization)
+        return HybridTable(table, len(item_ids), hidden, adapter_hidden, normalization, id_dropout, unseen)
     return AdapterTable(table, hidden, adapter_hidden, normalization=normalization)

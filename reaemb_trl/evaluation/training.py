@@ -133,7 +133,7 @@ def train_and_evaluate(split: SplitData, table: str | TableSpec, config: EvalCon
 
     seed_everything(seed)
     item_table = build_table(spec.source, split.item_ids, cfg.hidden, cfg.adapter_hidden, spec.mode,
-                             cfg.normalization)
+                             cfg.normalization, cfg.id_dropout, split.cold)
     model = build_model(cfg.model, item_table, split.num_items, cfg.hidden, cfg.max_len, cfg.layers, cfg.heads,
                         cfg.dropout, cfg.inner_size).to(cfg.device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
