@@ -14,7 +14,8 @@ from pathlib import Path
 
 GROUPS = ("all", "cold_item", "tail_item", "head_item")
 LABELS = {"mostpop": "MostPop (training popularity)", "id": "learned item IDs",
-          "raw": "raw SmolLM2 (no training)", "lrcl": "LRCL", "crrl": "LRCL + CRRL"}
+          "raw": "raw SmolLM2 (no training)", "lrcl": "LRCL", "crrl": "LRCL + CRRL",
+          "reference": "text reference (SmolLM2 input embeddings + co-occurrence linear map)"}
 
 
 def label(name: str) -> str:

@@ -5,7 +5,8 @@ Stages, each a function of (settings, data) and each skipped when its marker in 
 continues where it stopped (an interrupted training stage resumes from its last checkpoint). Each table has one
 writer:
 
-    fetch_data -> train_lrcl -> train_crrl (+ tables lrcl, crrl) -> export_raw_table (table raw) -> evaluate_tables
+    fetch_data -> train_lrcl -> train_crrl (+ tables lrcl, crrl) -> export_raw_table (tables raw, reference)
+        -> evaluate_tables
 
 Cold items (`cold_items`, reaemb_trl.data.cold) stand for items added after training: LRCL reads their text (it
 uses no interactions), CRRL and its co-occurrence counts never see their interactions, the evaluation removes them
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from reaemb_trl.data.canonical import RecDataset
 
 TABLES = ("raw", "lrcl", "crrl")
+# The text reference (reaemb_trl.cooccurrence_projection): the backbone's input embeddings of the item text through a
+# linear map trained on co-occurrence; evaluated frozen only, the bar the trained tables should clear.
+REFERENCE = "reference"
 # package data (pyproject.toml's package-data), so an installed wheel has it too
 SETTINGS_FILE = resources.files("reaemb_trl") / "configs" / "quickstart.yaml"
 STAGES = ("data", "lrcl", "crrl", "export", "evaluate")
@@ -62,6 +66,7 @@ class QuickstartSettings:
     ensemble: bool = False  # also the score ensemble id+table of the id and frozen runs (no training)
     cold_items: float = 0.0  # share of the items treated as new (every stage; see the module doc)
     cold_item_seed: int = 0
+    reference: bool = False  # also the text reference table (REFERENCE), frozen
 
     def __post_init__(self):
         if not 0.0 <= self.cold_items < 1.0:
@@ -164,7 +169,8 @@ def remaining_stage_seconds(settings: QuickstartSettings, data: RecDataset, afte
     from reaemb_trl.quickstart_time import later_stage_seconds
 
     later = STAGES[STAGES.index(after) + 1:]
-    return later_stage_seconds(settings, data, later, len(cold_items(settings, data)), len(TABLES))
+    return later_stage_seconds(settings, data, later, len(cold_items(settings, data)), len(TABLES),
+                               int(settings.reference))
 
 
 def lrcl_speed(settings: QuickstartSettings) -> float | None:
@@ -286,9 +292,11 @@ def _mean_logged(history: list[dict], key: str) -> float | None:
 
 
 def export_raw_table(settings: QuickstartSettings, data: RecDataset) -> dict:
-    """The raw table: the bare backbone with the trained checkpoints' prompt format and pooling, no thought (the
-    baseline of the LLM tables; train_crrl writes those); the warm items, then the cold ones as `reaemb encode
-    --backbone` adds them."""
+    """The untrained tables. raw: the bare backbone with the trained checkpoints' prompt format and pooling, no
+    thought (the baseline of the LLM tables; train_crrl writes those); the warm items, then the cold ones as `reaemb
+    encode --backbone` adds them. reference (with `settings.reference`): the same backbone's input embeddings of the
+    same item text through a co-occurrence linear map trained without the cold items and CRRL's held-out items
+    (every item gets a row: its text is known)."""
     from reaemb_trl.checkpointing import read_config
     from reaemb_trl.embedder import ThoughtEmbedder
     from reaemb_trl.export import export_table
@@ -301,14 +309,31 @@ def export_raw_table(settings: QuickstartSettings, data: RecDataset) -> dict:
     export_table(raw, _warm_items(settings, data), path, source=settings.backbone, without_thought=True,
                  batch_size=settings.export_batch, pca=settings.export_pca)
     added = _add_cold_items(settings, data, path, raw)
-    return {"items": len(data.items), "cold_items": added, "tables": [str(path)]}
+    written = [path]
+    if settings.reference:
+        from reaemb_trl.cooccurrence_projection import build_reference_table
+
+        unseen = cold_items(settings, data) | crrl_held_out_items(settings, data)
+        written.append(build_reference_table(raw, data, unseen, settings.output / "tables" / f"{REFERENCE}.safetensors",
+                                             seed=settings.seed))
+    return {"items": len(data.items), "cold_items": added, "tables": [str(p) for p in written]}
+
+
+def crrl_held_out_items(settings: QuickstartSettings, data: RecDataset) -> set[str]:
+    """The warm items CRRL holds out to measure itself (builders.build_crrl_trainer's draw)."""
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.crrl_yardstick import held_out_items
+
+    config = {**{f.name: f.default for f in fields(CRRLConfig)}, **settings.crrl}
+    warm = [item["item_id"] for item in _warm_items(settings, data)]
+    return set(held_out_items(warm, config["eval_item_fraction"], config["eval_item_seed"]))
 
 
 def evaluate_tables(settings: QuickstartSettings, data: RecDataset) -> dict:
     """MostPop, ids and the three tables (frozen, the paper's mode; hybrid = ids + adapter(table); the score
-    ensemble id+table of the id and frozen runs) over the seeds, with paired tests: every table vs id, the LLM
-    tables vs raw, each stage vs the one before, each hybrid vs the ensemble of the same table. With cold items, the
-    `cold_item` group: users whose target is one."""
+    ensemble id+table of the id and frozen runs) and the text reference (frozen) over the seeds, with paired tests:
+    every table vs id, the LLM tables vs raw, each stage vs the one before, LRCL+CRRL vs the reference, each hybrid
+    vs the ensemble of the same table. With cold items, the `cold_item` group: users whose target is one."""
     from reaemb_trl.evaluation import EvalConfig, TableSpec, compare_tables, write_report
     from reaemb_trl.evaluation.compare import spec_name
 
@@ -318,6 +343,9 @@ def evaluate_tables(settings: QuickstartSettings, data: RecDataset) -> dict:
     specs += [TableSpec(spec_name(name, mode), str(tables / f"{name}.safetensors"), mode)
               for mode in modes for name in TABLES]
     compare = ["lrcl:raw", "crrl:lrcl"]
+    if settings.reference:
+        specs.append(TableSpec(REFERENCE, str(tables / f"{REFERENCE}.safetensors"), "frozen"))
+        compare.append(f"crrl:{REFERENCE}")
     if settings.hybrid:
         compare += ["lrcl@hybrid:raw@hybrid", "crrl@hybrid:lrcl@hybrid"]
     if settings.hybrid and settings.ensemble:  # does a table inside the model beat combining two models' scores?

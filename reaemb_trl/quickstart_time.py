@@ -31,11 +31,11 @@ MEASURED_STEPS = 3
 
 
 def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, later: Sequence[str], cold: int,
-                        tables: int) -> float:
+                        tables: int, frozen_only: int = 0) -> float:
     """Reference-CPU seconds of the stages named in `later` that have not run yet (no marker in OUTPUT/.stages), for
-    a run with `cold` cold items and `tables` item tables."""
+    a run with `cold` cold items, `tables` item tables and `frozen_only` more tables evaluated frozen only."""
     interactions = sum(len(seq) for seq in data.sequences.values())
-    runs = settings.eval_seeds * (1 + tables * (2 if settings.hybrid else 1))  # id + tables (+ hybrid)
+    runs = settings.eval_seeds * (1 + tables * (2 if settings.hybrid else 1) + frozen_only)  # id + tables (+ hybrid)
     seconds = {
         "crrl": planned_crrl_steps(settings, len(data.items) - cold) * REFERENCE_STEP_SECONDS["crrl"]
         + 2 * cold * REFERENCE_ITEM_SECONDS,  # the cold items into the LRCL and CRRL tables

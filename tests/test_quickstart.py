@@ -31,6 +31,7 @@ def tiny_settings(output, cold_items=0.0):
         eval_workers=1,
         hybrid=True,
         ensemble=True,
+        reference=True,
         cold_items=cold_items,
     )
 
@@ -51,7 +52,7 @@ def test_shipped_settings_load():
     assert Path(str(SETTINGS_FILE)).is_relative_to(Path(reaemb_trl.__file__).parent)
     settings = QuickstartSettings.from_yaml(output="elsewhere")
     assert str(settings.output) == "elsewhere" and settings.backbone == "smollm2" and settings.eval_seeds >= 3
-    assert settings.hybrid and settings.ensemble and settings.cold_items == 0.1  # the main job measures them
+    assert settings.hybrid and settings.ensemble and settings.reference and settings.cold_items == 0.1  # measured
     from reaemb_trl.crrl_config import CRRLConfig
     from reaemb_trl.evaluation import EvalConfig
     from reaemb_trl.lrcl_config import LRCLConfig
@@ -95,7 +96,7 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys, col
     cold = set(cold_item_ids(data.item_ids, cold_share))
     assert len(cold) == (12 if cold_share else 0)
     names = {"mostpop", "id", "raw", "lrcl", "crrl", "raw@hybrid", "lrcl@hybrid", "crrl@hybrid", "id+raw",
-             "id+lrcl", "id+crrl"}
+             "id+lrcl", "id+crrl", "reference"}
     assert set(results["tables"]) == names
     groups = {"all", "tail_item", "head_item", "tail_user", "head_user"} | ({"cold_item"} if cold else set())
     for name in names:
@@ -108,7 +109,7 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys, col
     assert {"all"} | ({"cold_item"} if cold else set()) <= tested == {group for _, _, group in pairs}
     for group in tested:  # every table against ids (hybrids included), the LLM tables against raw, stage by stage
         assert {("crrl", "raw", group), ("lrcl", "raw", group), ("crrl", "lrcl", group),
-                ("crrl@hybrid", "lrcl@hybrid", group)} <= pairs
+                ("crrl@hybrid", "lrcl@hybrid", group), ("crrl", "reference", group)} <= pairs
         assert {(name, "id", group) for name in names - {"id"}} <= pairs
         assert {(f"{name}@hybrid", f"id+{name}", group) for name in ("raw", "lrcl", "crrl")} <= pairs
     expected = [
@@ -123,7 +124,7 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys, col
     assert not missing, missing
     # exactly these tables, and no export parts or temporary files left beside them
     assert sorted(p.name for p in (out / "tables").iterdir()) == ["crrl.safetensors", "lrcl.safetensors",
-                                                                   "raw.safetensors"]
+                                                                   "raw.safetensors", "reference.safetensors"]
     assert any((out / "lrcl" / "runs").rglob("events.out.tfevents.*")), "LRCL logs to tensorboard"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == {"bf16": False, "why": "precision: fp32 (bf16: false)"}
@@ -162,7 +163,15 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys, col
     assert crrl_stage["trained_items"] < len(warm_ids)  # the held-out (and cold) items never train
     # one writer per table: the export stage writes the raw table; the CRRL stage the two trained ones, from its
     # yardstick encodings, which match an export of each checkpoint (the writer when there is no yardstick)
-    assert stages["export"]["tables"] == [str(out / "tables" / "raw.safetensors")]
+    assert stages["export"]["tables"] == [str(out / "tables" / f"{name}.safetensors") for name in ("raw", "reference")]
+    # the text reference: a row for every item; its map never saw the cold items' or CRRL's held-out items'
+    # interactions
+    from reaemb_trl.quickstart import crrl_held_out_items
+
+    reference = read_table(out / "tables" / "reference.safetensors")
+    held_out = crrl_held_out_items(settings, data)
+    assert sorted(reference.item_ids) == sorted(data.item_ids) and held_out and not held_out & cold
+    assert reference.metadata["projection"]["excluded_items"] == len(cold | held_out)
     from reaemb_trl.quickstart import _export_checkpoint_tables
 
     (out / "exported").mkdir()
@@ -267,7 +276,7 @@ def test_later_stages_are_priced_from_the_reference_profile(tmp_path):
     data = RecDataset.load(ASSETS / "tiny_catalog")
     crrl = 2 * REFERENCE_STEP_SECONDS["crrl"] + 2 * 12 * REFERENCE_ITEM_SECONDS
     export = 48 * REFERENCE_ITEM_SECONDS
-    runs = 1 * (1 + 3 + 3)  # one seed of id, three frozen and three hybrid tables, one worker
+    runs = 1 * (1 + 3 + 3 + 1)  # one seed of id, three frozen and three hybrid tables, the reference; one worker
     evaluate = runs * REFERENCE_RUN_SECONDS * 548 / REFERENCE_INTERACTIONS
     assert remaining_stage_seconds(settings, data, "lrcl") == pytest.approx(crrl + export + evaluate)
     assert remaining_stage_seconds(settings, data, "crrl") == pytest.approx(export + evaluate)

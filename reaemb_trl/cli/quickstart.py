@@ -23,6 +23,9 @@ def quickstart_command(
     ensemble: bool = typer.Option(None, "--ensemble/--no-ensemble", help="Also report id+<table>, the score "
                                   "ensemble of the id and frozen runs (default: the settings file's, on; no "
                                   "training)."),
+    reference: bool = typer.Option(None, "--reference/--no-reference", help="Also evaluate the text reference "
+                                   "table: the backbone's input embeddings of the item text through a co-occurrence "
+                                   "linear map (seconds to build; 3 frozen runs; default: the settings file's, on)."),
     cold_items: float = typer.Option(None, "--cold-items", help="Share of the items treated as new (default: the "
                                      "settings file's, 0.1): no training stage sees their interactions, the tables "
                                      "get them as `reaemb encode` adds new items, and their users are a group."),
@@ -38,7 +41,7 @@ def quickstart_command(
     try:
         settings = QuickstartSettings.from_yaml(settings_file or SETTINGS_FILE, output=output, device=device,
                                                 eval_seeds=seeds, hybrid=hybrid, ensemble=ensemble,
-                                                cold_items=cold_items)
+                                                reference=reference, cold_items=cold_items)
     except FileNotFoundError:
         fail(f"{settings_file} does not exist: pass a quickstart YAML to --settings, or leave it out")
     except (yaml.YAMLError, ValueError, TypeError) as exc:
