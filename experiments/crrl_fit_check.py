@@ -2,11 +2,22 @@
 
 The frozen yardstick (reaemb_trl.crrl_yardstick) scores held-out items. This script scores the same definition on
 two item sets, before (the LRCL thought module) and after (the CRRL one): the held-out items and the training items
-(every other item with a positive; a run of S steps x k items rolls out S*k of them). One prefix pass serves both
+(every other item with a positive; a run of S steps x k items rolls out S*k / num_iterations distinct ones, each
+once: TRL serves every rollout to num_iterations optimizer steps). One prefix pass serves both
 thought modules (CRRL leaves the LLM as LRCL trained it).
 
     python -m experiments.crrl_fit_check --lrcl runs/ablation-crrl/recommended-seed42/lrcl \
         --crrl runs/ablation-crrl/recommended-seed42/crrl --output runs/ablation-crrl/recommended-fit.json
+
+With `--train-config` it first trains CRRL from `--lrcl` into `--crrl` with a recipe config (its settings, on this
+script's dataset, without evaluations or intermediate checkpoints; `--max-steps` or `--train-minutes` shortens it,
+`--set FIELD=VALUE` overrides a field), and also scores the items that run actually rolled out:
+
+    OMP_NUM_THREADS=2 python -m experiments.crrl_fit_check --lrcl runs/quickstart/lrcl --crrl runs/fit/crrl \
+        --train-config recipes/configs/crrl_smollm2_ml100k_aligned.yaml --train-minutes 7 \
+        --data-cache runs/quickstart --output runs/fit/aligned.json
+
+The must-show before any downstream seed is spent: the training items gain >= +0.02.
 
 If the training items gain and the held-out items do not, CRRL learns but does not generalise; if neither gains,
 the policy does not fit its own reward's items. Each set also gets a paired Wilcoxon test over its items on the
@@ -18,10 +29,77 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import time
+
 from experiments.pipeline import HELD_OUT_FRACTION, base_settings, load_data, write_json
 
 KEYS = ("anchor_normalized_centered_cosine", "anchor_normalized_cosine", "anchor_count_centered_cosine",
         "anchor_count_dot")
+
+
+def train_crrl(args, data) -> dict:
+    """CRRL from `args.lrcl` into `args.crrl` with the recipe config `args.train_config`; returns the run's facts and
+    the items it rolled out."""
+    from reaemb_trl.builders import DataArguments, build_crrl_trainer
+    from reaemb_trl.crrl_config import CRRLConfig
+    from reaemb_trl.preflight import parse_recipe_args
+
+    overrides = ["--config", str(args.train_config), "--lrcl_checkpoint", str(args.lrcl), "--output_dir",
+                 str(args.crrl), "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end",
+                 "false", "--report_to", "none"]
+    if args.max_steps is not None:
+        overrides += ["--max_steps", str(args.max_steps)]
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        overrides += [f"--{name}", value]
+    data_args, config = parse_recipe_args(DataArguments, CRRLConfig, args=overrides)
+    if config.eval_item_fraction != HELD_OUT_FRACTION or config.eval_item_seed != 0:
+        raise SystemExit(f"{args.train_config}: eval_item_fraction must be {HELD_OUT_FRACTION} with seed 0 (the "
+                         "items this script scores as held out)")
+    trainer = build_crrl_trainer(data_args, config, data=data)
+    rolled: list[str] = []
+    generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: (
+        rolled.extend(str(x["item_id"]) for x in inputs[:: trainer.num_generations]) or generate(inputs))
+    spreads = []  # noise_scale_mode=spread: each measurement of the per-coordinate std of mu over training items
+    measure = trainer.encoder.thought_spread
+    trainer.encoder.thought_spread = lambda items: spreads.append(measure(items)) or spreads[-1]
+    start = time.time()
+    if args.train_minutes is not None:
+        from transformers import TrainerCallback
+
+        class StopAfter(TrainerCallback):  # a wall-clock budget: the run ends at the first step past it
+            def on_step_end(self, train_args, state, control, **kwargs):
+                control.should_training_stop |= time.time() - start > 60 * args.train_minutes
+
+        trainer.add_callback(StopAfter())
+    trainer.train()
+    trainer.save_model(str(args.crrl))
+    run = {"config": str(args.train_config), "steps": trainer.state.global_step,
+           "seconds": round(time.time() - start, 1), "training_items": len(trainer.train_dataset),
+           "rollouts": len(rolled), "rolled_out": sorted(set(rolled))}
+    logged = [h for h in trainer.state.log_history if "thought/mu_norm" in h]
+    if logged:
+        run["mu_norm_first_log"] = logged[0]["thought/mu_norm"]
+        run["sigma_rms_first_log"] = logged[0]["thought/sigma"]
+    if spreads:  # the items' spread around their mean (sqrt of the total variance) and how many coordinates carry it
+        variance = spreads[0].double() ** 2
+        run["spread_norm_start"] = float(variance.sum().sqrt())
+        run["spread_participation_ratio_start"] = float(variance.sum() ** 2 / (variance**2).sum())
+    return run, trainer
+
+
+def tables_from_trainer(trainer, lrcl: Path):
+    """(item ids, {"lrcl", "crrl": table}) from the run's own prefix store: only the thought module and the 2-token
+    suffix run per table (the same numbers as a fresh encoding: tests/test_crrl_policy.py)."""
+    from reaemb_trl.crrl_policy import swapped_thought_module
+
+    embedder, tables = trainer.embedder, {}
+    for name, module in (("lrcl", embedder.thought_module_from(lrcl)), ("crrl", embedder.thought_module)):
+        with swapped_thought_module(embedder, module):
+            ids, tables[name] = trainer.catalogue_table()
+        tables[name] = tables[name].cpu()
+    return ids, tables
 
 
 def main() -> None:
@@ -34,7 +112,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lrcl", required=True, type=Path, help="the LRCL checkpoint CRRL started from")
-    parser.add_argument("--crrl", required=True, type=Path, help="the CRRL checkpoint")
+    parser.add_argument("--crrl", required=True, type=Path,
+                        help="the CRRL checkpoint (written there first with --train-config)")
+    parser.add_argument("--train-config", type=Path,
+                        help="train CRRL first with this recipe config (e.g. crrl_smollm2_ml100k_aligned.yaml)")
+    parser.add_argument("--max-steps", type=int, help="with --train-config: override its max_steps")
+    parser.add_argument("--train-minutes", type=float,
+                        help="with --train-config: stop training at the first step after this many minutes")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="with --train-config: override one of its fields (repeatable)")
     parser.add_argument("--output", required=True, type=Path, help="JSON results")
     parser.add_argument("--data-cache", type=Path, default=Path("runs/ablation-crrl/shared"),
                         help="where the canonical dataset is (fetched there if missing)")
@@ -44,27 +130,37 @@ def main() -> None:
     ids = data.item_ids
     held = held_out_items(ids, HELD_OUT_FRACTION)
     trained = sorted(set(ids) - set(held))
-    embedder = ThoughtEmbedder.from_pretrained(args.crrl).eval()
-    if not embedder.same_adapter_as(args.lrcl):
-        raise SystemExit(f"{args.crrl} and {args.lrcl} carry different LoRA weights: not a CRRL run from that LRCL")
-    dtype = torch.bfloat16 if fast_bf16_available(embedder.device) else None
-    tables = embedder.encode_with_thought_modules(
-        [r["attributes"] for r in data.items],
-        {"lrcl": embedder.thought_module_from(args.lrcl), "crrl": embedder.thought_module}, progress=True, dtype=dtype)
+    run, table_ids = None, ids
+    if args.train_config:
+        run, trainer = train_crrl(args, data)
+        table_ids, tables = tables_from_trainer(trainer, args.lrcl)
+    else:
+        embedder = ThoughtEmbedder.from_pretrained(args.crrl).eval()
+        if not embedder.same_adapter_as(args.lrcl):
+            raise SystemExit(f"{args.crrl} and {args.lrcl} carry different LoRA weights: not a CRRL run from that LRCL")
+        dtype = torch.bfloat16 if fast_bf16_available(embedder.device) else None
+        tables = embedder.encode_with_thought_modules(
+            [r["attributes"] for r in data.items],
+            {"lrcl": embedder.thought_module_from(args.lrcl), "crrl": embedder.thought_module}, progress=True,
+            dtype=dtype)
     result = {"lrcl": str(args.lrcl), "crrl": str(args.crrl)}
-    for label, items in (("held_out", held), ("trained", trained)):
-        yardstick = CRRLYardstick(data.sequences, ids, items)
-        scores = {name: yardstick.score(table, ids) for name, table in tables.items()}
+    sets = [("held_out", held), ("trained", trained)]
+    if run is not None:
+        result["training_run"] = {k: v for k, v in run.items() if k != "rolled_out"}
+        sets.append(("rolled_out", run["rolled_out"]))
+    for label, items in sets:
+        yardstick = CRRLYardstick(data.sequences, ids, items)  # the catalogue order fixes the yardstick's draws
+        scores = {name: yardstick.score(table, table_ids) for name, table in tables.items()}
         result[label] = {key: {"lrcl": scores["lrcl"][key], "crrl": scores["crrl"][key],
                                "gain": scores["crrl"][key] - scores["lrcl"][key]} for key in KEYS}
         result[label]["anchor_items"] = scores["lrcl"].get("anchor_items")
-        per_item = {name: yardstick.anchor_rewards(table, ids) for name, table in tables.items()}
+        per_item = {name: yardstick.anchor_rewards(table, table_ids) for name, table in tables.items()}
         common = sorted(set(per_item["lrcl"]) & set(per_item["crrl"]))
         _, p_value, differing = wilcoxon_signed_rank([per_item["crrl"][i] for i in common],
                                                      [per_item["lrcl"][i] for i in common])
         result[label]["paired_wilcoxon"] = {"items": len(common), "items_changed": differing, "p": p_value}
     write_json(args.output, result)
-    for label in ("held_out", "trained"):
+    for label, _ in sets:
         row = result[label]["anchor_normalized_centered_cosine"]
         test = result[label]["paired_wilcoxon"]
         print(f"{label:9s} anchor (normalised, centred cos): {row['lrcl']:.4f} -> {row['crrl']:.4f} "

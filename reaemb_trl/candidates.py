@@ -18,8 +18,10 @@ negatives.
   afresh for every epoch and deterministic given (seed, epoch, item id) - the batch an item lands in, the process
   and the order of calls do not matter. `negative_sampling`: `uniform` over those items (the paper's), or
   `popularity` - drawn among the items closest in popularity to a's first positive, so that no candidate stands
-  out by popularity alone. If fewer never-co-occurring items exist than needed, the rest are the least
-  co-occurring items.
+  out by popularity alone, or `popularity_proportional` - drawn without replacement with probability proportional
+  to the item's training popularity (items no training user had are never drawn; if fewer than needed have any,
+  the draw is uniform). If fewer never-co-occurring items exist than needed, the rest are the least co-occurring
+  items.
 
 Building the index sorts the interactions once (numpy, no scipy); co-occurrence rows are computed on demand for
 the items of a batch, so the full item x item matrix (often 10^8 non-zeros) is never materialised.
@@ -34,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 POSITIVE_SCORES = ("count", "cosine", "lift")
-NEGATIVE_SAMPLING = ("uniform", "popularity")
+NEGATIVE_SAMPLING = ("uniform", "popularity", "popularity_proportional")
 
 
 def stable_hash(value: object) -> int:
@@ -238,7 +240,7 @@ class CooccurrenceCandidates:
                   anchor: int | None = None) -> np.ndarray:
         """`count` distinct never-co-occurring item indices, deterministic given (seed, epoch, item id). With
         `negative_sampling="popularity"` they are drawn among the items nearest in popularity to `anchor` (an
-        internal index, the first positive)."""
+        internal index, the first positive); with `popularity_proportional`, in proportion to training popularity."""
         me = self._index[str(item_id)]
         excluded = np.union1d(cooccurring, [me])
         rng = np.random.default_rng([self.seed, epoch, stable_hash(item_id)])
@@ -247,6 +249,11 @@ class CooccurrenceCandidates:
             return np.zeros(0, dtype=np.int64)
         if self.negative_sampling == "popularity" and anchor is not None and pool_size >= count:
             return self._popularity_matched(anchor, count, excluded, rng)
+        if self.negative_sampling == "popularity_proportional":
+            pool = np.setdiff1d(np.arange(self.num_items), excluded, assume_unique=True)
+            weight = self.popularity[pool].astype(np.float64)
+            if np.count_nonzero(weight) >= count:
+                return rng.choice(pool, size=count, replace=False, p=weight / weight.sum()).astype(np.int64)
         if pool_size >= 4 * count:  # sparse row: rejection sampling, cheap
             picked: list[int] = []
             while len(picked) < count:

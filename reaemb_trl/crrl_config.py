@@ -20,8 +20,8 @@ from reaemb_trl.model_args import ModelArguments
 from reaemb_trl.rewards import resolve_reward
 from reaemb_trl.similarity import SIMILARITIES
 BASELINES = ("group", "anchor", "noisy")
-NOISE_SCALE_MODES = ("absolute", "relative")
-THOUGHT_TRAINABLE = ("all", "value")
+NOISE_SCALE_MODES = ("absolute", "relative", "spread")
+THOUGHT_TRAINABLE = ("all", "value", "lowrank")
 FORWARD_METHODS = ("fast", "literal")
 # With one "token" (the latent action) per row, grpo/bnpo/dr_grpo/dapo all reduce to the mean over rows.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -66,13 +66,19 @@ class CRRLConfig(ModelArguments, GRPOConfig):
     noise_scale: float = field(
         default=0.1,
         metadata={"help": "sigma: z_g = mu(x) + sigma * eps_g, eps_g ~ N(0, I). With noise_scale_mode=relative, "
-                  "a multiple of the RMS of mu's coordinates, per row."},
+                  "a multiple of the RMS of mu's coordinates, per row; with `spread`, a multiple of each "
+                  "coordinate's standard deviation across items."},
     )
     noise_scale_mode: str = field(
         default="absolute",
         metadata={"help": "`absolute`: sigma = noise_scale (the paper's); `relative`: sigma_row = noise_scale x "
                   "||mu_row|| / sqrt(d), fixed at the rollout, so exploration follows the scale of mu (SmolLM2's "
-                  "||mu|| ~ 30: noise_scale 0.3 is ~0.4 absolute)."},
+                  "||mu|| ~ 30: noise_scale 0.3 is ~0.4 absolute); `spread`: sigma_j = noise_scale x the standard "
+                  "deviation of coordinate j of mu over the training items (at most 4,096 of them, chosen by a "
+                  "stable hash; floored at 1e-3 x the RMS spread), measured under the current thought module at the "
+                  "first rollout and again whenever the reference table is refreshed (every `reference_refresh_steps` "
+                  "steps; once with 0): exploration follows how items differ, not the vector they share. The "
+                  "Gaussian log-prob then uses the same per-coordinate sigma."},
     )
     antithetic: bool = field(
         default=False,
@@ -84,8 +90,14 @@ class CRRLConfig(ModelArguments, GRPOConfig):
     )
     thought_trainable: str = field(
         default="all",
-        metadata={"help": "What CRRL trains in the thought module: `all` (q, k, v projections) or `value` (only the "
-                  "value projection: the attention pattern of LRCL is kept)."},
+        metadata={"help": "What CRRL trains in the thought module: `all` (q, k, v projections), `value` (only the "
+                  "value projection: the attention pattern of LRCL is kept) or `lowrank` (LRCL's weights frozen, a "
+                  "trainable rank-`thought_delta_rank` delta on the value projection that starts at zero, so step 0 "
+                  "is LRCL exactly; `weight_decay` (AdamW, decoupled) decays its two factors; checkpoints store the "
+                  "folded value projection)."},
+    )
+    thought_delta_rank: int = field(
+        default=8, metadata={"help": "Rank of the value-projection delta with thought_trainable=lowrank."}
     )
     noise_seed: int | None = field(
         default=None,
@@ -105,8 +117,10 @@ class CRRLConfig(ModelArguments, GRPOConfig):
     )
     negative_sampling: str = field(
         default="uniform",
-        metadata={"help": "`uniform` never-co-occurring negatives (the paper's) or `popularity`: matched to the "
-                  "positive's popularity, so the reward cannot be won by popularity alone."},
+        metadata={"help": "`uniform` never-co-occurring negatives (the paper's, and the yardstick's), `popularity`: "
+                  "matched to the positive's popularity, so the reward cannot be won by popularity alone, or "
+                  "`popularity_proportional`: never-co-occurring items drawn with probability proportional to their "
+                  "training popularity."},
     )
     negative_seed: int | None = field(
         default=None,
@@ -130,7 +144,8 @@ class CRRLConfig(ModelArguments, GRPOConfig):
         metadata={"help": "0: candidates are embedded afresh in every rollout (the paper's). K > 0: candidate "
                   "embeddings (and the catalogue mean of centered_cosine) come from a table of the whole catalogue "
                   "under the current thought module, recomputed every K optimizer steps; rollouts then encode only "
-                  "the items, so more items fit the same time."},
+                  "the items, so more items fit the same time. noise_scale_mode=spread re-measures its spread on "
+                  "the same schedule."},
     )
     reward_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the `softmax` reward (passed to every reward function)."}
@@ -251,6 +266,8 @@ class CRRLConfig(ModelArguments, GRPOConfig):
             raise ValueError(f"CRRLConfig.eval_item_fraction must be in [0, 1), got {self.eval_item_fraction}")
         if self.reference_refresh_steps < 0:
             raise ValueError(f"CRRLConfig.reference_refresh_steps must be >= 0, got {self.reference_refresh_steps}")
+        if self.thought_delta_rank < 1:
+            raise ValueError(f"CRRLConfig.thought_delta_rank must be >= 1, got {self.thought_delta_rank}")
         if self.min_support < 1:
             raise ValueError(f"CRRLConfig.min_support must be >= 1, got {self.min_support}")
         if isinstance(self.reward_funcs, str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -17,29 +18,65 @@ from reaemb_trl.candidates import stable_hash
 from reaemb_trl.checkpointing import save_wrapped_embedder
 from reaemb_trl.crrl_config import CRRLConfig
 from reaemb_trl.embedder import ThoughtEmbedder
+from reaemb_trl.thought_delta import (
+    add_lowrank_delta,
+    folded_state,
+    folded_thought_module,
+    load_delta,
+    lowrank_delta,
+    save_delta,
+)
 
 
 # ---- the maths ------------------------------------------------------------------------------------------------------
+def _squared_distance(a: torch.Tensor, b: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """sum_j (a_j - b_j)^2 / sigma_j^2 per row: sigma a float, one per row (R,), or one per coordinate (R, d)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=a.device)
+    if sigma.dim() == a.dim():  # diagonal covariance
+        return (((a.float() - b.float()) / sigma) ** 2).sum(-1)
+    return ((a.float() - b.float()) ** 2).sum(-1) / sigma**2
+
+
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """log pi(z | x) = -||z - mu||^2 / (2 sigma^2), per row, up to a constant (sigma: a float or one per row, fixed
-    at the rollout, so -d log sigma is a constant too)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
-    return -((z.float() - mu.float()) ** 2).sum(-1) / (2.0 * sigma**2)
+    """log pi(z | x) = -sum_j (z_j - mu_j)^2 / (2 sigma_j^2), per row, up to a constant (sigma: a float, one per row
+    or one per coordinate, fixed at the rollout, so -sum_j log sigma_j is a constant too)."""
+    return -_squared_distance(z, mu, sigma) / 2.0
 
 
 def gaussian_kl(mu: torch.Tensor, mu_ref: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2 I) || N(mu_ref, sigma^2 I)) = ||mu - mu_ref||^2 / (2 sigma^2), per row."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=mu.device)
-    return ((mu.float() - mu_ref.float()) ** 2).sum(-1) / (2.0 * sigma**2)
+    """KL(N(mu, diag sigma^2) || N(mu_ref, diag sigma^2)) = sum_j (mu_j - mu_ref_j)^2 / (2 sigma_j^2), per row."""
+    return _squared_distance(mu, mu_ref, sigma) / 2.0
 
 
-def action_scale(mu: torch.Tensor, noise_scale: float, mode: str) -> torch.Tensor:
-    """sigma per row: `noise_scale` (absolute), or `noise_scale` x RMS of the row's coordinates (relative)."""
+def sigma_rms(sigma: torch.Tensor) -> torch.Tensor:
+    """One sigma per row: itself, or the RMS over coordinates of a per-coordinate sigma (R, d)."""
+    return sigma if sigma.dim() == 1 else sigma.pow(2).mean(-1).sqrt()
+
+
+def sigma_units(delta: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """||delta|| in units of sigma per row (whitened by a per-coordinate sigma)."""
+    return delta.norm(dim=-1) / sigma if sigma.dim() == 1 else (delta / sigma).norm(dim=-1)
+
+
+def action_scale(mu: torch.Tensor, noise_scale: float, mode: str, spread: torch.Tensor | None = None) -> torch.Tensor:
+    """sigma: per row (R,) `noise_scale` (absolute) or `noise_scale` x RMS of the row's coordinates (relative); per
+    coordinate (R, d) `noise_scale` x `spread`, each coordinate's standard deviation across items (spread)."""
     if mode == "absolute":
         return torch.full((mu.shape[0],), float(noise_scale), device=mu.device)
     if mode == "relative":
         return noise_scale * mu.detach().float().norm(dim=-1) / mu.shape[-1] ** 0.5
-    raise ValueError(f"noise_scale_mode must be 'absolute' or 'relative', got {mode!r}")
+    if mode == "spread":
+        if spread is None:
+            raise ValueError("noise_scale_mode='spread' needs the spread of mu across items")
+        return (noise_scale * spread.float().to(mu.device)).expand(mu.shape[0], -1)
+    raise ValueError(f"noise_scale_mode must be 'absolute', 'relative' or 'spread', got {mode!r}")
+
+
+def thought_spread(mu: torch.Tensor) -> torch.Tensor:
+    """Each coordinate's standard deviation across the rows of `mu` (items, d), floored at 1e-3 x its RMS over the
+    coordinates: a coordinate that never varies still explores a little, and 1 / sigma^2 stays finite."""
+    spread = mu.detach().float().std(dim=0)
+    return spread.clamp(min=1e-3 * float(spread.pow(2).mean().sqrt()) + 1e-12)
 
 
 def clipped_policy_loss(
@@ -155,6 +192,17 @@ def action_noise(
 
 
 # ---- the policy module ----------------------------------------------------------------------------------------------
+@contextmanager
+def swapped_thought_module(embedder: ThoughtEmbedder, module: nn.Module):
+    """`embedder` with `module` as its thought module inside the block."""
+    original = embedder.thought_module
+    embedder.thought_module = module
+    try:
+        yield
+    finally:
+        embedder.thought_module = original
+
+
 class CRRLPolicy(nn.Module):
     """What `Trainer` sees: the embedder (LLM frozen unless `train_lora`); its forward returns the policy mean mu."""
 
@@ -171,21 +219,43 @@ class CRRLPolicy(nn.Module):
             self.embedder.model.eval()
         return self
 
-    def forward(self, hidden=None, mask=None, prefix_ids=None, literal: bool = False) -> torch.Tensor:
-        """mu_theta(x): from cached prefix states (fast), or re-encoding `prefix_ids` (LoRA training: with gradient
-        through the LLM; literal: pass 1 of the literal method)."""
+    def forward(self, hidden=None, mask=None, item_mask=None, prefix_ids=None, literal: bool = False) -> torch.Tensor:
+        """mu_theta(x): from cached prefix states (fast; `item_mask` marks the item's own tokens), or re-encoding
+        `prefix_ids` (LoRA training: with gradient through the LLM; literal: pass 1 of the literal method)."""
         if literal:
             return self.embedder.literal_thought_vector(prefix_ids)
         if prefix_ids is not None:
             prefix = self.embedder.encode_prefix(prefix_ids, use_cache=False)
-            return self.embedder.thought_module(prefix.hidden, prefix.mask)
-        return self.embedder.thought_module(hidden, mask)
+            return self.embedder.thought_module(prefix.hidden, prefix.mask, prefix.pool_mask)
+        return self.embedder.thought_module(hidden, mask, item_mask)
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
-        save_wrapped_embedder(self, folder, state_dict)
+        """A ThoughtEmbedder checkpoint; with a low-rank delta, its thought module has the delta folded into
+        `v_proj.weight` (the format every loader reads) and the factors go to their own file for resuming."""
+        module = self.embedder.thought_module
+        if lowrank_delta(module) is None:
+            save_wrapped_embedder(self, folder, state_dict)
+            return
+        # Trainer's state dict under ZeRO-3 / FSDP (the live weights are partitions then), else the live one
+        state = {k.removeprefix("module."): v for k, v in (state_dict or self.state_dict()).items()}
+        prefix = "embedder.thought_module."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in folded_state(own).items()})
+        with swapped_thought_module(self.embedder, folded_thought_module(module)):  # the plain module's keys
+            save_wrapped_embedder(self, folder, state)
+        save_delta(own, folder)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        self.embedder.load_trained_state(folder, adapter=self.train_lora)
+        """Resume: the trained weights of `folder`; with a low-rank delta only its factors (and LoRA with
+        `train_lora`), the frozen base being the LRCL thought module the run started from."""
+        if lowrank_delta(self.embedder.thought_module) is None:
+            self.embedder.load_trained_state(folder, adapter=self.train_lora)
+            return
+        load_delta(self.embedder.thought_module, folder)
+        if self.train_lora:
+            with swapped_thought_module(self.embedder, folded_thought_module(self.embedder.thought_module)):
+                self.embedder.load_trained_state(folder, adapter=True)
 
     @classmethod
     def for_training(cls, model: ThoughtEmbedder | str | os.PathLike | None, args: CRRLConfig) -> "CRRLPolicy":
@@ -203,6 +273,8 @@ class CRRLPolicy(nn.Module):
         if args.thought_trainable == "value":  # keep LRCL's attention pattern, move only what it reads out
             embedder.thought_module.q_proj.requires_grad_(False)
             embedder.thought_module.k_proj.requires_grad_(False)
+        if args.thought_trainable == "lowrank":  # LRCL frozen, a zero-initialised low-rank delta trains
+            add_lowrank_delta(embedder.thought_module, args.thought_delta_rank)
         if args.disable_dropout:
             disable_dropout_in_model(embedder.model)
         return cls(embedder, train_lora=args.train_lora, llm_eval=not args.train_lora or args.disable_dropout)

@@ -8,16 +8,15 @@ runs full passes per copy and per candidate slot, nothing shared.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from reaemb_trl.candidates import CooccurrenceCandidates
+from reaemb_trl.candidates import CooccurrenceCandidates, stable_hash
 from reaemb_trl.crrl_config import CRRLConfig
-from reaemb_trl.crrl_policy import action_scale
+from reaemb_trl.crrl_policy import action_scale, swapped_thought_module, thought_spread
 from reaemb_trl.embedder import PrefixStates, ThoughtEmbedder
 from reaemb_trl.prefix_store import PrefixStore, cat_prefix_states
 from reaemb_trl.prompt import normalise_attributes
@@ -65,16 +64,6 @@ def row_candidates(rows: list[dict], index: CooccurrenceCandidates | None, epoch
     return [list(cand[r]) for r in picked], torch.as_tensor(weights[picked], dtype=torch.float32)
 
 
-@contextmanager
-def _thought_module_swapped(embedder: ThoughtEmbedder, module: nn.Module):
-    original = embedder.thought_module
-    embedder.thought_module = module
-    try:
-        yield
-    finally:
-        embedder.thought_module = original
-
-
 @dataclass
 class CatalogueReference:
     """The catalogue table under the thought module of optimizer step `step`: the candidates' embeddings when
@@ -101,13 +90,16 @@ class RolloutEmbeddings:
     """One rollout's LLM outputs for R rows with N candidates each."""
 
     mu: torch.Tensor  # (R, d) the policy mean mu_theta(x)
-    sigma: torch.Tensor  # (R,) the action scale
+    sigma: torch.Tensor  # (R,) the action scale, or (R, d) per coordinate (noise_scale_mode=spread)
     actions: torch.Tensor  # (R, d) z = mu + sigma * eps
     item_embeddings: torch.Tensor  # (R, D) e_g, generated with z
     candidate_embeddings: torch.Tensor  # (R, N, D) e_b, noise-free
     ref_mu: torch.Tensor | None  # (R, d) the starting thought module's mean (for the KL term), None without one
     prefix_index: torch.Tensor | None = None  # fast: row -> row of `prefix_states`
-    prefix_states: tuple[torch.Tensor, torch.Tensor] | None = None  # fast: (hidden, mask) of the unique items
+    prefix_states: tuple | None = None  # fast: (hidden, mask, item-span mask or None) of the unique items
+
+
+SPREAD_ITEMS = 4096  # items whose mu sets the spread of `noise_scale_mode=spread` (a sample on large catalogues)
 
 
 class RolloutEncoder:
@@ -131,9 +123,21 @@ class RolloutEncoder:
             ids = self._prefix_ids[item_id] = self.embedder.formatter.prefix_ids(attrs, self.embedder.tokenizer)
         return ids
 
-    def _actions(self, mu: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode)
-        return sigma, mu + sigma.unsqueeze(1) * eps.to(mu.device)
+    def _actions(self, mu: torch.Tensor, eps: torch.Tensor, spread: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = action_scale(mu, self.args.noise_scale, self.args.noise_scale_mode, spread)
+        return sigma, mu + (sigma if sigma.dim() == 2 else sigma.unsqueeze(1)) * eps.to(mu.device)
+
+    @torch.no_grad()
+    def thought_spread(self, item_ids: list[str]) -> torch.Tensor:
+        """Each coordinate's standard deviation of mu (noise-free, current thought module) over `item_ids` (at
+        most SPREAD_ITEMS of them, the first by a stable hash of the id): what `noise_scale_mode=spread` scales
+        exploration by. With the prefix store this runs only the thought module."""
+        items = sorted(dict.fromkeys(item_ids), key=lambda i: stable_hash(f"spread|{i}"))[:SPREAD_ITEMS]
+        chunk = self.args.embed_batch_size
+        mu = [self.embedder.thought_vector(self.encode_prefixes(items[s : s + chunk])).float()
+              for s in range(0, len(items), chunk)]
+        return thought_spread(torch.cat(mu))
 
     @torch.no_grad()
     def catalogue_table(self) -> tuple[list[str], torch.Tensor]:
@@ -166,7 +170,7 @@ class RolloutEncoder:
 
     @torch.no_grad()
     def embed_fast(self, item_ids, candidate_ids, eps, reference: CatalogueReference | None,
-                   ref_module: nn.Module | None) -> RolloutEmbeddings:
+                   ref_module: nn.Module | None, spread: torch.Tensor | None = None) -> RolloutEmbeddings:
         """One prefix pass per unique item (and candidate, unless `reference` gives the candidates' embeddings),
         then the suffix per row. mu comes from the returned prefix states, as the policy loss will compute it."""
         emb, chunk = self.embedder, self.args.embed_batch_size
@@ -177,10 +181,12 @@ class RolloutEncoder:
         where = {item: i for i, item in enumerate(item_unique + cand_unique)}
         item_rows = torch.arange(len(item_unique), device=prefix.hidden.device)
         hidden, mask = prefix.hidden[item_rows].detach(), prefix.mask[item_rows]
+        spans = None if prefix.pool_mask is None else prefix.pool_mask[item_rows]  # the item's own tokens
         local = {item: i for i, item in enumerate(item_unique)}
         prefix_index = torch.tensor([local[i] for i in item_ids], device=hidden.device)
-        mu = emb.thought_module(hidden[prefix_index], mask[prefix_index]).float()
-        sigma, z = self._actions(mu, eps)
+        rows = (hidden[prefix_index], mask[prefix_index], None if spans is None else spans[prefix_index])
+        mu = emb.thought_module(*rows).float()
+        sigma, z = self._actions(mu, eps, spread)
         item_emb = torch.cat(
             [emb.embed_from_thought(prefix.select(prefix_index[s : s + chunk]), z[s : s + chunk])
              for s in range(0, len(prefix_index), chunk)]
@@ -200,17 +206,17 @@ class RolloutEncoder:
                                              device=cand_emb.device)]
         ref_mu = None
         if ref_module is not None:
-            ref_mu = ref_module(hidden[prefix_index], mask[prefix_index]).float()
-        return RolloutEmbeddings(mu, sigma, z, item_emb, cand_emb, ref_mu, prefix_index, (hidden, mask))
+            ref_mu = ref_module(*rows).float()
+        return RolloutEmbeddings(mu, sigma, z, item_emb, cand_emb, ref_mu, prefix_index, (hidden, mask, spans))
 
     @torch.no_grad()
     def embed_literal(self, item_ids, candidate_ids, eps, reference: CatalogueReference | None,
-                      ref_module: nn.Module | None) -> RolloutEmbeddings:
+                      ref_module: nn.Module | None, spread: torch.Tensor | None = None) -> RolloutEmbeddings:
         """Reference oracle: full passes per copy and per candidate slot, nothing shared."""
         emb, chunk = self.embedder, self.args.embed_batch_size
         ids = [self.prefix_ids(i) for i in item_ids]
         mu = torch.cat([emb.literal_thought_vector(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
-        sigma, z = self._actions(mu, eps)
+        sigma, z = self._actions(mu, eps, spread)
         item_emb = torch.cat(
             [emb.literal_embed_with_thought(ids[s : s + chunk], z[s : s + chunk]) for s in range(0, len(ids), chunk)]
         ).float()
@@ -225,7 +231,7 @@ class RolloutEncoder:
             cand_emb = torch.cat(cand).float().view(len(item_ids), len(candidate_ids[0]), -1)
         ref_mu = None
         if ref_module is not None:
-            with _thought_module_swapped(emb, ref_module):
+            with swapped_thought_module(emb, ref_module):
                 ref_mu = torch.cat(
                     [emb.literal_thought_vector(ids[s : s + chunk]) for s in range(0, len(ids), chunk)]).float()
         return RolloutEmbeddings(mu, sigma, z, item_emb, cand_emb, ref_mu)

@@ -21,8 +21,8 @@ How it hooks into GRPOTrainer (TRL 1.16):
   Rewards are computed by `_latent_rewards` (TRL's reward contract; the keyword arguments are the fields of
   `rewards.RewardInputs` plus the dataset's columns).
 
-Where the rest lives: the policy maths and `CRRLPolicy` in `crrl_policy`, the LLM passes of a rollout in
-`crrl_rollout` (its prefix cache in `prefix_store`), the rewards in `rewards`, the similarity in `similarity`.
+Elsewhere: the policy maths and `CRRLPolicy` in `crrl_policy` (its low-rank delta in `thought_delta`), the LLM
+passes in `crrl_rollout` (prefix cache: `prefix_store`), the rewards in `rewards`, the similarity in `similarity`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from reaemb_trl.crrl_policy import (
     compute_advantages,
     gaussian_kl,
     gaussian_log_prob,
+    sigma_rms,
+    sigma_units,
 )
 from reaemb_trl.crrl_rollout import CatalogueReference, RolloutEncoder, build_catalogue, row_candidates
 from reaemb_trl.embedder import ThoughtEmbedder
@@ -117,8 +119,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             raise ValueError("give `candidates` (a CooccurrenceCandidates index) or a `candidate_ids` column")
         self.encoder = RolloutEncoder(embedder, build_catalogue(train_dataset, eval_dataset, catalogue), args)
         self.yardstick = yardstick
-        self._prefix_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # fast path: what the loss reads
+        self._prefix_cache: dict[str, tuple] = {}  # fast path: (hidden, mask, item spans), what the loss reads
         self._reference: CatalogueReference | None = None
+        self._spread: tuple[int, torch.Tensor] | None = None  # (step measured, per-coordinate std of mu)
         self._rollout_global_step = -1
         self._eval_generations = 0
         self._last_generation: dict[str, Any] = {}
@@ -195,15 +198,31 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
 
     # ---- the catalogue table: reference candidates, the centre of centred cosine, the yardstick ----------------
     @torch.no_grad()
-    def catalogue_table(self) -> tuple[list[str], torch.Tensor]:
-        """Noise-free embeddings of every catalogue item under the current thought module (float32, on device)."""
+    def _noise_free(self, encode):
+        """`encode()` under the run's mixed precision, weights gathered under ZeRO-3, the policy's mode kept."""
         policy = self.accelerator.unwrap_model(self.model)
         training = policy.training
         with self.accelerator.autocast(), gathered_for_rollout(self.model_wrapped, self.accelerator,
                                                                self.args.ds3_gather_for_generation):
-            ids, table = self.encoder.catalogue_table()
+            out = encode()
         policy.train(training)  # encode() restores the embedder's mode; the policy keeps the frozen LLM in eval
+        return out
+
+    def catalogue_table(self) -> tuple[list[str], torch.Tensor]:
+        """Noise-free embeddings of every catalogue item under the current thought module (float32, on device)."""
+        ids, table = self._noise_free(self.encoder.catalogue_table)
         return ids, table.to(self.accelerator.device)
+
+    def _thought_spread(self) -> torch.Tensor | None:
+        """noise_scale_mode=spread: each coordinate's std of mu over the training items, measured at the first
+        rollout and again when the reference table is (every `reference_refresh_steps` steps; once with 0)."""
+        if self.args.noise_scale_mode != "spread":
+            return None
+        step, every = self.state.global_step, self.args.reference_refresh_steps
+        if self._spread is None or (every > 0 and step - self._spread[0] >= every):
+            items = [str(i) for i in self.train_dataset["item_id"]]
+            self._spread = (step, self._noise_free(lambda: self.encoder.thought_spread(items)))
+        return self._spread[1]
 
     def _needs_reference(self) -> bool:
         return self.args.reference_refresh_steps > 0 or self.args.similarity == "centered_cosine"
@@ -239,6 +258,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             self._eval_generations += 1
         if self._needs_reference():
             self._refresh_reference()
+        spread = self._thought_spread()
         epoch = int(self.state.epoch or 0) if mode == "train" else 0  # negatives are redrawn every training epoch
         candidate_ids, positive_weights = row_candidates(inputs, self.candidates, epoch)
         eps = action_noise(
@@ -252,7 +272,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         reference = self._reference if self.args.reference_refresh_steps > 0 else None  # the candidates' embeddings
         embed = self.encoder.embed_literal if literal else self.encoder.embed_fast
         with torch.no_grad(), self.accelerator.autocast(), rollout_weights:
-            rollout = embed(item_ids, candidate_ids, eps, reference, self.ref_thought_module)
+            rollout = embed(item_ids, candidate_ids, eps, reference, self.ref_thought_module, spread)
             mu, sigma, z = rollout.mu, rollout.sigma, rollout.actions
             item_emb, cand_emb = rollout.item_embeddings, rollout.candidate_embeddings
             similarities = self._similarities(item_emb, cand_emb)
@@ -316,7 +336,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             noisy_flat = (grouped[:, 1:] == grouped[:, 1:2]).all(dim=1)
             metrics["frac_anchor_only_differs"].append((noisy_flat & (grouped[:, 0] != grouped[:, 1])).float().mean().item())
         anchor_sim = similarities.gather(1, positive_weights.argmax(-1, keepdim=True)).squeeze(1)
-        rms = mu.norm(dim=-1) / mu.shape[-1] ** 0.5
+        rms, sigma = mu.norm(dim=-1) / mu.shape[-1] ** 0.5, sigma_rms(sigma)
         metrics["thought/mu_norm"].append(self.accelerator.gather(mu.norm(dim=-1)).mean().item())
         metrics["thought/sigma"].append(self.accelerator.gather(sigma).mean().item())
         metrics["thought/sigma_over_rms_mu"].append(self.accelerator.gather(sigma / rms.clamp(min=1e-12)).mean().item())
@@ -365,9 +385,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         elif self.args.train_lora:
             mu = model(prefix_ids=inputs["prefix_ids"])
         else:
-            hidden, mask = self._prefix_cache[mode]
+            hidden, mask, spans = self._prefix_cache[mode]
             index = inputs["prefix_index"]
-            mu = model(hidden=hidden[index], mask=mask[index])
+            mu = model(hidden=hidden[index], mask=mask[index], item_mask=None if spans is None else spans[index])
         mu = mu.float()
         sigma = inputs["sigma"].float()
         z, advantages = inputs["actions"].float(), inputs["advantages"].float()
@@ -404,7 +424,7 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
             iteration = (self._step % generate_every) // self.args.steps_per_generation + 1
             metrics[f"policy/log_ratio_abs/iter{iteration}"].append(global_mean(log_ratio))
             # how far mu moved since the rollout, in units of sigma (PPO's clip range allows ~0.25)
-            moved = (mu.detach() - inputs["mu"].float()).norm(dim=-1) / sigma
+            moved = sigma_units(mu.detach() - inputs["mu"].float(), sigma)
             metrics[f"policy/delta_mu_over_sigma/iter{iteration}"].append(global_mean(moved))
         if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
             low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
@@ -428,6 +448,9 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         ids, table = self.catalogue_table()
         self.last_catalogue_table = (ids, table)  # the quickstart writes it as an item table (no second encoding)
         scores = self.yardstick.score(table.cpu(), ids)
+        if {"anchor_normalized_centered_cosine", "pairs_centered_cosine"} <= scores.keys():  # held-out items and
+            # validation pairs alike: what runs are selected on (metric_for_best_model: eval_selection)
+            scores["selection"] = (scores["anchor_normalized_centered_cosine"] + scores["pairs_centered_cosine"]) / 2
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
         metrics["epoch"] = self.state.epoch
         Trainer.log(self, metrics)  # not GRPOTrainer.log: that would flush the pending training metrics here
@@ -435,6 +458,10 @@ class CRRLTrainer(EmbedderCheckpointMixin, HubPushMixin, GRPOTrainer):
         return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _load_best_model(self) -> None:
+        """load_best_model_at_end: Trainer's own loader looks for model.safetensors and, not finding it, only warns."""
+        self.accelerator.unwrap_model(self.model).load_checkpoint(self.state.best_model_checkpoint)
+
     def create_model_card(self, *args, **kwargs) -> None:
         """No LM model card: the checkpoint is an embedding model (see its reaemb_config.json)."""
         return None
