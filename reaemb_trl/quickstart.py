@@ -246,7 +246,9 @@ def _train_crrl(settings: QuickstartSettings, data: RecDataset, tables: Path) ->
     history = trainer.state.log_history
     rewards = [h["reward"] for h in history if "reward" in h]
     return {"steps": trainer.state.global_step, "trained_items": len(trainer.train_dataset),
-            "rollout_items": trainer.state.global_step * args.per_device_train_batch_size // args.num_generations,
+            # each generation batch serves num_iterations optimizer steps (TRL's buffered inputs)
+            "rollout_items": trainer.state.global_step * args.per_device_train_batch_size * args.world_size
+            * args.gradient_accumulation_steps // (args.num_generations * args.num_iterations),
             "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None,
             "frac_reward_zero_std": _mean_logged(history, "frac_reward_zero_std"),
             "clip_region": _mean_logged(history, "clip_ratio/region_mean"),

@@ -161,6 +161,8 @@ def test_tiny_quickstart_writes_every_artifact_and_resumes(tmp_path, capsys, col
     assert "start_anchor_count_dot" in crrl_stage["yardstick_start"]
     assert "end_anchor_count_dot" in crrl_stage["yardstick_end"]
     assert crrl_stage["trained_items"] < len(warm_ids)  # the held-out (and cold) items never train
+    # 2 steps x 8 rows / 4 copies = 4 rows of items, each rollout serving num_iterations (2) steps: 2 distinct items
+    assert crrl_stage["rollout_items"] == 2
     # one writer per table: the export stage writes the raw table; the CRRL stage the two trained ones, from its
     # yardstick encodings, which match an export of each checkpoint (the writer when there is no yardstick)
     assert stages["export"]["tables"] == [str(out / "tables" / f"{name}.safetensors") for name in ("raw", "reference")]
