@@ -39,6 +39,14 @@ ROWS = {
                  dict(normalize_embeddings=True, center_embeddings=True, init_temperature=0.05)),
     "lr1e-3": ("learning rate 1e-3 (paper 2e-4)", dict(learning_rate=1e-3)),
     "epochs2": ("two views per item (2 epochs)", dict(num_train_epochs=2)),
+    # the thought's own options (docs/ablations.md, "Where the thought looks"), each against `item_mean`
+    "item_mean_item_keys": ("item_mean pooling; the thought module reads the item's tokens only",
+                            dict(pooling="item_mean", thought_keys="item")),
+    "item_mean_token_scale": ("item_mean pooling; the thought written at a token's norm",
+                              dict(pooling="item_mean", thought_scale="token")),
+    "thought": ("pooling = the state at the thought position", dict(pooling="thought")),
+    "thought_item_keys": ("pooling = the thought's state; the module reads the item's tokens only",
+                          dict(pooling="thought", thought_keys="item")),
 }
 
 
