@@ -93,6 +93,12 @@ class QuickstartSettings:
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
+    def crrl_fields(self) -> dict[str, Any]:
+        """Every CRRLConfig field as this run sets it: the class defaults with `crrl` over them."""
+        from reaemb_trl.crrl_config import CRRLConfig
+
+        return {**{f.name: f.default for f in fields(CRRLConfig)}, **self.crrl}
+
     def precision(self) -> tuple[bool, str]:
         """(bf16, the line that says which precision and why), by the recipes' rule."""
         from reaemb_trl.preflight import resolve_bf16
@@ -316,17 +322,16 @@ def export_raw_table(settings: QuickstartSettings, data: RecDataset) -> dict:
         from reaemb_trl.cooccurrence_projection import build_reference_table
 
         unseen = cold_items(settings, data) | crrl_held_out_items(settings, data)
-        written.append(build_reference_table(raw, data, unseen, settings.output / "tables" / f"{REFERENCE}.safetensors",
-                                             seed=settings.seed))
+        reference = settings.output / "tables" / f"{REFERENCE}.safetensors"
+        written.append(build_reference_table(raw, data, unseen, reference, seed=settings.seed))
     return {"items": len(data.items), "cold_items": added, "tables": [str(p) for p in written]}
 
 
 def crrl_held_out_items(settings: QuickstartSettings, data: RecDataset) -> set[str]:
     """The warm items CRRL holds out to measure itself (builders.build_crrl_trainer's draw)."""
-    from reaemb_trl.crrl_config import CRRLConfig
     from reaemb_trl.crrl_yardstick import held_out_items
 
-    config = {**{f.name: f.default for f in fields(CRRLConfig)}, **settings.crrl}
+    config = settings.crrl_fields()
     warm = [item["item_id"] for item in _warm_items(settings, data)]
     return set(held_out_items(warm, config["eval_item_fraction"], config["eval_item_seed"]))
 

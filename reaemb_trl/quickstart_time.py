@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import fields
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from transformers import TrainerCallback
@@ -48,9 +47,7 @@ def later_stage_seconds(settings: QuickstartSettings, data: RecDataset, later: S
 
 def planned_crrl_steps(settings: QuickstartSettings, warm_items: int) -> int:
     """CRRL's steps: `max_steps` when set, else its epochs over the items it may train on."""
-    from reaemb_trl.crrl_config import CRRLConfig
-
-    config = {**{f.name: f.default for f in fields(CRRLConfig)}, **settings.crrl}
+    config = settings.crrl_fields()
     if config["max_steps"] > 0:
         return config["max_steps"]
     rows = warm_items * (1 - config["eval_item_fraction"]) * config["num_generations"]

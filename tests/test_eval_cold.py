@@ -158,7 +158,7 @@ def test_id_dropout_leaves_out_id_rows_only_in_training_and_zeroes_the_cold_rows
     torch.testing.assert_close(table(idx).detach(), (ids + llm)[idx] * (idx != 0).unsqueeze(-1))
     plain = HybridTable(torch.randn(9, 12), 9, 8, 16, unseen=[3, 7])  # the plain hybrid keeps its random rows
     assert plain.ids.embedding.weight[[3, 7]].abs().sum() > 0
-    with pytest.raises(ValueError, match="id_dropout is a probability"):
+    with pytest.raises(ValueError, match=r"EvalConfig.id_dropout is a probability in \[0, 1\)"):
         EvalConfig(id_dropout=1.0)
 
 

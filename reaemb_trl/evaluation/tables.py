@@ -114,8 +114,6 @@ class HybridTable(nn.Module):
     def __init__(self, frozen: torch.Tensor, num_items: int, hidden: int, adapter_hidden: int = 256,
                  normalization: str = "center_scale", id_dropout: float = 0.0, unseen: Sequence[int] = ()):
         super().__init__()
-        if not 0.0 <= id_dropout < 1.0:
-            raise ValueError(f"id_dropout is a probability in [0, 1), got {id_dropout}")
         self.ids = IDTable(num_items, hidden)
         self.llm = AdapterTable(frozen, hidden, adapter_hidden, normalization=normalization)
         self.id_dropout = id_dropout
