@@ -47,6 +47,9 @@ ROWS = {
     "thought": ("pooling = the state at the thought position", dict(pooling="thought")),
     "thought_item_keys": ("pooling = the thought's state; the module reads the item's tokens only",
                           dict(pooling="thought", thought_keys="item")),
+    "thought_eos": ("pooling = the mean of the thought's and EOS's states", dict(pooling="thought_eos")),
+    "thought_eos_item_keys": ("pooling = the mean of the thought's and EOS's states; item-only keys",
+                              dict(pooling="thought_eos", thought_keys="item")),
 }
 
 
