@@ -156,7 +156,8 @@ def supervised_loss(embedder, prefix_ids, cands, center, train: str, lora: list,
     with the gradient paths `train` allows."""
     with torch.set_grad_enabled(train != "module"), autocast:
         prefix = embedder.encode_prefix(prefix_ids)
-    mu = embedder.thought_module(prefix.hidden, prefix.mask)  # with `module`, the prefix carries no gradient
+    # with `module` the prefix carries no gradient; the item mask reaches the module (`thought_keys: item`)
+    mu = embedder.thought_module(prefix.hidden, prefix.mask, prefix.pool_mask)
     if train == "lora_via_thought":
         # As in CRRL, the adapter learns only through mu: the pooled prefix, its keys/values and the suffix pass's
         # own use of the adapter are constants (a weight without requires_grad is a constant for autograd).
@@ -196,9 +197,12 @@ def catalogue_table(encoder, dtype) -> torch.Tensor:
 
 
 def train_learner(embedder, encoder, table_ids, train_ids, candidates, validation, *, train="module", steps=200,
-                  batch_items=32, lr=1e-4, weight_decay=0.0, refresh_steps=10, patience=5, seed=0, dtype=None):
+                  batch_items=32, lr=1e-4, weight_decay=0.0, refresh_steps=10, patience=5, seed=0, dtype=None,
+                  fit=None, fit_curve: list | None = None):
     """Train the supervised learner in the one game; returns (the table of its best validation check, the
-    EarlyStopping record). `validation`: a CRRLYardstick over the validation slice, scored at every refresh."""
+    EarlyStopping record). `validation`: a CRRLYardstick over the validation slice, scored at every refresh; with
+    `fit` (a CRRLYardstick over the learner's training items) each check also appends (step, its score) to
+    `fit_curve`: how well the learner fits the items it trains on, whatever the validation slice says."""
     device = embedder.device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     module, lora = trainable_parameters(embedder, train)
@@ -210,9 +214,14 @@ def train_learner(embedder, encoder, table_ids, train_ids, candidates, validatio
         if step % refresh_steps == 0 or step == steps:
             table = catalogue_table(encoder, dtype)
             score = validation.score(table, table_ids)[SCORE]
+            fitted = ""
+            if fit is not None and fit_curve is not None:
+                fit_curve.append((step, fit.score(table, table_ids)[SCORE]))
+                fitted = f", training items {fit_curve[-1][1]:.4f}"
             snapshot = lambda t=table: (t, [p.detach().clone() for p in params])  # noqa: E731 (taken on a new best)
             stop = stopper.update(step, score, snapshot)
-            print(f"step {step}: validation {score:.4f} (best {stopper.best_score:.4f} at step {stopper.best_step})",
+            print(f"step {step}: validation {score:.4f} (best {stopper.best_score:.4f} at step {stopper.best_step})"
+                  f"{fitted}",
                   file=sys.stderr, flush=True)  # long runs on a CPU: the curve so far survives a kill
             if stop or step == steps:
                 break
@@ -427,15 +436,17 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             embedder.load_state_dict(initial, strict=False)
             torch.manual_seed(seed)
+            fit_curve = []
             table, stopper = train_learner(
                 embedder, encoder, ids, train_ids, dataclasses.replace(index, seed=seed), validation,
                 train=args.module_train, steps=args.module_steps, batch_items=args.module_items, lr=args.module_lr,
                 weight_decay=args.weight_decay, refresh_steps=args.refresh_steps, patience=args.patience,
-                seed=seed, dtype=dtype)
+                seed=seed, dtype=dtype, fit=fit_yardstick, fit_curve=fit_curve)
             held_score, train_score = scores(table)
             held_scores.append(held_score)
             train_scores.append(train_score)
-            runs.append({"seed": seed, "best_step": stopper.best_step, "validation": stopper.history})
+            runs.append({"seed": seed, "best_step": stopper.best_step, "validation": stopper.history,
+                         "training_items": fit_curve})
         rows.append(summary_row(f"supervised learner ({args.module_train}, early-stopped)", held_scores,
                                 train_scores, (time.time() - tic) / len(args.seeds), seed_runs=runs,
                                 steps=args.module_steps, items_per_step=args.module_items, lr=args.module_lr,

@@ -143,13 +143,17 @@ def test_the_learners_targets_equal_the_scoring_targets(game, monkeypatch):
         return game_targets(table, table_ids, candidate_ids)
 
     monkeypatch.setattr(headroom, "game_targets", recording)
+    fit, fit_curve = CRRLYardstick(sequences, ids, train_ids[4:]), []
     table, stopper = train_learner(embedder, encoder, ids, train_ids[4:], index, validation, steps=4, batch_items=4,
-                                   lr=3e-2, refresh_steps=1, patience=10)
+                                   lr=3e-2, refresh_steps=1, patience=10, fit=fit, fit_curve=fit_curve)
     assert seen == [True] * 4
     assert not torch.allclose(references[0], references[-1])  # the learner moved, and its targets with it
     torch.testing.assert_close(table, catalogue_table(encoder, None))
     assert validation.score(table, ids)[SCORE] == pytest.approx(max(s for _, s in stopper.history))
     assert [s for s, _ in stopper.history] == [0, 1, 2, 3, 4]
+    # the fit curve scores the learner's training items on the table of every check, the kept one included
+    assert [s for s, _ in fit_curve] == [0, 1, 2, 3, 4]
+    assert dict(fit_curve)[stopper.best_step] == pytest.approx(fit.score(table, ids)[SCORE])
 
 
 def test_early_stopping_keeps_the_best_validation_check():
@@ -195,3 +199,25 @@ def test_attribute_one_hot_reads_genres_and_year_buckets():
     table, columns = attribute_one_hot(items)
     assert columns == ["genre:Comedy", "genre:Drama", "genre:Sci-Fi", "year:1995-1999", "year:2000-2004"]
     assert table.tolist() == [[1, 1, 0, 1, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1]]
+
+
+def test_the_supervised_loss_reads_the_item_keys_thought_the_embedder_writes(items):
+    """With `thought_keys: item` the learner's mu is the one the embedder's own encode path writes (the item mask
+    reaches the module), so the learner plays the checkpoint's game, not one with every token as key."""
+    from conftest import tiny_causal_lm, tiny_tokenizer
+    from reaemb_trl.embedder import ThoughtEmbedder
+
+    torch.manual_seed(5)
+    embedder = ThoughtEmbedder(tiny_causal_lm(seed=5), tiny_tokenizer(), pooling="thought_eos",
+                               thought_keys="item").eval()
+    prefix_ids = embedder.prefix_ids(items[:4])
+    d = embedder.thought_module.q_proj.in_features
+    cands, center = torch.randn(4, 5, d), torch.randn(d)
+    loss = supervised_loss(embedder, prefix_ids, cands, center, "module", [], NO_AUTOCAST)
+    with torch.no_grad():
+        prefix = embedder.encode_prefix(prefix_ids)
+        emb = embedder.embed_from_thought(prefix, embedder.thought_module(prefix.hidden, prefix.mask,
+                                                                          prefix.pool_mask))
+    expected = torch.nn.functional.cross_entropy(centred_cosine_logits(emb.float(), cands, center),
+                                                 torch.zeros(4, dtype=torch.long))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
