@@ -4,7 +4,8 @@ The frozen yardstick (reaemb_trl.crrl_yardstick) scores held-out items. This scr
 two item sets, before (the LRCL thought module) and after (the CRRL one): the held-out items and the training items
 (every other item with a positive; a run of S steps x k items rolls out S*k / num_iterations distinct ones, each
 once: TRL serves every rollout to num_iterations optimizer steps). One prefix pass serves both
-thought modules (CRRL leaves the LLM as LRCL trained it).
+thought modules (CRRL leaves the LLM as LRCL trained it). The held-out change is also split in two: the score with
+only the held-out items' own rows moved to CRRL's, and with every other row moved but theirs.
 
     python -m experiments.crrl_fit_check --lrcl runs/ablation-crrl/recommended-seed42/lrcl \
         --crrl runs/ablation-crrl/recommended-seed42/crrl --output runs/ablation-crrl/recommended-fit.json
@@ -18,6 +19,10 @@ script's dataset, without evaluations or intermediate checkpoints; `--max-steps`
         --data-cache runs/quickstart --output runs/fit/aligned.json
 
 The must-show before any downstream seed is spent: the training items gain >= +0.02.
+
+Runs of the same recipe over several CRRL seeds, one table (a row per run, then mean ± std of the changes):
+
+    python -m experiments.crrl_fit_check --summarise runs/fit-s42.json runs/fit-s1.json runs/fit-s2.json
 
 If the training items gain and the held-out items do not, CRRL learns but does not generalise; if neither gains,
 the policy does not fit its own reward's items. Each set also gets a paired Wilcoxon test over its items on the
@@ -102,6 +107,60 @@ def tables_from_trainer(trainer, lrcl: Path):
     return ids, tables
 
 
+def decomposition_tables(tables: dict, table_ids: list[str], items: list[str]) -> dict:
+    """Two mixed tables that split a change of `items`' score: `own rows moved` is LRCL's table with only those
+    items' rows taken from CRRL's (what the items' own embeddings changed), `other rows moved` is CRRL's table with
+    those items' rows put back to LRCL's (what their candidates' rows changed). Each table is first centred on its
+    own mean row: centred cosine subtracts the mean anyway, and a shift every row shares is no change of geometry,
+    but mixing rows of two tables shifted apart would score the shift."""
+    import torch
+
+    wanted = set(items)
+    chosen = torch.tensor([i in wanted for i in table_ids])
+    lrcl, crrl = (tables[name] - tables[name].mean(0) for name in ("lrcl", "crrl"))
+    own = lrcl.clone()
+    own[chosen] = crrl[chosen]
+    other = crrl.clone()
+    other[chosen] = lrcl[chosen]
+    return {"own rows moved": own, "other rows moved": other}
+
+
+def table_change(tables: dict) -> dict:
+    """How CRRL's table differs from LRCL's: the shift of the mean row and the mean change of a centred row, each
+    relative to LRCL's mean centred-row norm, and the ratio of the centred tables' mean row norms."""
+    lrcl, crrl = tables["lrcl"].double(), tables["crrl"].double()
+    centred = {name: t - t.mean(0) for name, t in (("lrcl", lrcl), ("crrl", crrl))}
+    scale = float(centred["lrcl"].norm(dim=1).mean())
+    return {"mean_row_shift": float((crrl.mean(0) - lrcl.mean(0)).norm()) / scale,
+            "centred_row_change": float((centred["crrl"] - centred["lrcl"]).norm(dim=1).mean()) / scale,
+            "centred_norm_ratio": float(centred["crrl"].norm(dim=1).mean()) / scale}
+
+
+def summarise(paths: list[Path]) -> str:
+    """A markdown table of fit-check results (one row per JSON file) and the mean ± std of their changes."""
+    import json
+    import statistics
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    sets = [s for s in ("held_out", "trained") if all(s in r for r in results)]
+    lines = ["| run | " + " | ".join(f"{s.replace('_', '-')} ({results[0][s]['paired_wilcoxon']['items']}): "
+                                     "LRCL -> CRRL, change, paired p" for s in sets) + " |",
+             "|---|" + "---|" * len(sets)]
+    for path, r in zip(paths, results):
+        cells = []
+        for s in sets:
+            row, test = r[s]["anchor_normalized_centered_cosine"], r[s]["paired_wilcoxon"]
+            cells.append(f"{row['lrcl']:.4f} -> {row['crrl']:.4f}, {row['gain']:+.4f}, p = {test['p']:.2g}")
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    cells = []
+    for s in sets:
+        gains = [r[s]["anchor_normalized_centered_cosine"]["gain"] for r in results]
+        spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+        cells.append(f"change {statistics.mean(gains):+.4f} ± {spread:.4f} ({len(gains)} runs)")
+    lines.append("| mean ± std | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import torch
 
@@ -111,8 +170,10 @@ def main() -> None:
     from reaemb_trl.hardware import fast_bf16_available
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lrcl", required=True, type=Path, help="the LRCL checkpoint CRRL started from")
-    parser.add_argument("--crrl", required=True, type=Path,
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="FIT_JSON",
+                        help="only print one table of these finished fit checks (no other option needed)")
+    parser.add_argument("--lrcl", type=Path, help="the LRCL checkpoint CRRL started from")
+    parser.add_argument("--crrl", type=Path,
                         help="the CRRL checkpoint (written there first with --train-config)")
     parser.add_argument("--train-config", type=Path,
                         help="train CRRL first with this recipe config (e.g. crrl_smollm2_ml100k_aligned.yaml)")
@@ -121,10 +182,16 @@ def main() -> None:
                         help="with --train-config: stop training at the first step after this many minutes")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="with --train-config: override one of its fields (repeatable)")
-    parser.add_argument("--output", required=True, type=Path, help="JSON results")
+    parser.add_argument("--output", type=Path, help="JSON results")
     parser.add_argument("--data-cache", type=Path, default=Path("runs/ablation-crrl/shared"),
                         help="where the canonical dataset is (fetched there if missing)")
     args = parser.parse_args()
+    if args.summarise:
+        print(summarise(args.summarise))
+        return
+    missing = [f"--{name}" for name in ("lrcl", "crrl", "output") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --summarise FIT_JSON ...)")
 
     data = load_data(base_settings(args.data_cache))
     ids = data.item_ids
@@ -159,6 +226,11 @@ def main() -> None:
         _, p_value, differing = wilcoxon_signed_rank([per_item["crrl"][i] for i in common],
                                                      [per_item["lrcl"][i] for i in common])
         result[label]["paired_wilcoxon"] = {"items": len(common), "items_changed": differing, "p": p_value}
+        if label == "held_out":
+            result[label]["decomposition"] = {
+                name: yardstick.score(table, table_ids)[KEYS[0]]
+                for name, table in decomposition_tables(tables, list(table_ids), items).items()}
+    result["table_change"] = table_change(tables)
     write_json(args.output, result)
     for label, _ in sets:
         row = result[label]["anchor_normalized_centered_cosine"]
@@ -166,6 +238,10 @@ def main() -> None:
         print(f"{label:9s} anchor (normalised, centred cos): {row['lrcl']:.4f} -> {row['crrl']:.4f} "
               f"({row['gain']:+.4f}; paired Wilcoxon p = {test['p']:.3g}, {test['items_changed']} of "
               f"{test['items']} items changed)")
+    parts = result["held_out"]["decomposition"]
+    print("held-out, split: " + ", ".join(f"{name} {value:.4f}" for name, value in parts.items()))
+    print("table change (relative to LRCL's mean centred-row norm): " + ", ".join(
+        f"{name} {value:.3f}" for name, value in result["table_change"].items()))
 
 
 if __name__ == "__main__":

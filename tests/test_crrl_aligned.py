@@ -267,3 +267,39 @@ def test_item_span_keys_reach_the_rollout_and_the_policy_loss(tmp_path):
     with torch.no_grad():
         prefix = base.encode_prefix(base.prefix_ids([items[0]["attributes"]]))
         assert not torch.allclose(whole, everything(prefix.hidden, prefix.mask))  # the option changes mu here
+
+
+def test_fit_check_summary_lists_every_run_and_the_mean_of_their_changes(tmp_path):
+    import json
+
+    from experiments.crrl_fit_check import summarise
+
+    paths = []
+    for n, (held, trained) in enumerate([(0.04, 0.01), (-0.002, -0.009)]):
+        result = {s: {"anchor_normalized_centered_cosine": {"lrcl": 0.5, "crrl": 0.5 + g, "gain": g},
+                      "paired_wilcoxon": {"items": 10 if s == "held_out" else 30, "items_changed": 3, "p": 0.5}}
+                  for s, g in (("held_out", held), ("trained", trained))}
+        paths.append(tmp_path / f"fit{n}.json")
+        paths[-1].write_text(json.dumps(result))
+    table = summarise(paths).splitlines()
+    assert len(table) == 2 + 2 + 1  # header, rule, one row per run, the mean
+    assert "held-out (10)" in table[0] and "trained (30)" in table[0]
+    assert "+0.0400" in table[2] and "-0.0090" in table[3]
+    assert table[-1].startswith("| mean ± std | change +0.0190 ± 0.0297 (2 runs) | change +0.0005 ± 0.0134")
+
+
+def test_fit_check_decomposition_moves_exactly_the_named_rows():
+    import torch
+
+    from experiments.crrl_fit_check import decomposition_tables, table_change
+
+    lrcl = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    crrl = lrcl * 2 + 10  # rows moved apart, and the whole table shifted by 10 + 1.5
+    parts = decomposition_tables({"lrcl": lrcl, "crrl": crrl}, ["a", "b", "c", "d"], ["b", "d"])
+    # each table centred on its own mean first (LRCL's 1.5, CRRL's 13), so the shared shift is not a change
+    assert parts["own rows moved"][:, 0].tolist() == [-1.5, -1.0, 0.5, 3.0]
+    assert parts["other rows moved"][:, 0].tolist() == [-3.0, -0.5, 1.0, 1.5]
+    assert lrcl[:, 0].tolist() == [0, 1, 2, 3]  # the inputs are not changed
+    change = table_change({"lrcl": lrcl, "crrl": crrl})
+    assert change["centred_norm_ratio"] == pytest.approx(2.0)
+    assert change["mean_row_shift"] == pytest.approx(11.5 / 1.0)  # LRCL's mean centred-row norm is 1.0
