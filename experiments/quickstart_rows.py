@@ -41,21 +41,9 @@ def per_user_ndcg(ranks) -> np.ndarray:
     return ndcg_at(np.asarray(ranks)).mean(axis=0)  # (seeds, users) -> users
 
 
-def paired_tests(users: dict[str, np.ndarray], pairs: list[tuple[str, str]], masks: dict) -> list[dict]:
-    """Every pair in every group present, Holm-corrected within the group."""
-    from reaemb_trl.evaluation.significance import holm, wilcoxon_signed_rank
-
-    tests = []
-    for group in GROUPS:
-        if group not in masks or not masks[group].any():
-            continue
-        mask = masks[group]
-        found = [wilcoxon_signed_rank(users[a][mask], users[b][mask]) for a, b in pairs]
-        for (a, b), (_, p, differing), p_holm in zip(pairs, found, holm([f[1] for f in found])):
-            tests.append({"a": a, "b": b, "group": group, "users": int(mask.sum()), "differing_users": differing,
-                          "mean_a": float(users[a][mask].mean()), "mean_b": float(users[b][mask].mean()), "p": p,
-                          "p_holm": p_holm})
-    return tests
+def present_groups(masks: dict) -> dict[str, np.ndarray]:
+    """The report's user groups that this split has users in, in GROUPS order (an empty group has no test)."""
+    return {g: masks[g] for g in GROUPS if g in masks and masks[g].any()}
 
 
 def rank_profile(ranks, mask: np.ndarray, popularity: np.ndarray) -> dict:
@@ -82,6 +70,7 @@ def main() -> None:
     from reaemb_trl.data.canonical import RecDataset
     from reaemb_trl.data.cold import cold_item_ids
     from reaemb_trl.evaluation import EvalConfig, TableSpec, compare_tables
+    from reaemb_trl.evaluation.significance import paired_tests
     from reaemb_trl.evaluation.split import group_masks, leave_one_out
     from reaemb_trl.quickstart import QuickstartSettings
 
@@ -141,8 +130,9 @@ def main() -> None:
     split = leave_one_out(data, cold_item_ids(data.item_ids, settings.cold_items, settings.cold_item_seed))
     masks = group_masks(split, split.test, config.tail_user_threshold, config.tail_item_threshold)
     users = {name: per_user_ndcg(ranks[name]) for name in names}
-    tests = paired_tests(users, pairs, masks)
-    groups = [g for g in GROUPS if g in masks]
+    present = present_groups(masks)
+    tests = paired_tests(users, pairs, present)  # the quickstart report's statistics, Holm within each group
+    groups = list(present)
 
     def shown(name: str) -> str:
         if name.endswith("+drop"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.quickstart_rows import first_value, paired_tests, per_user_ndcg, rank_profile
+from experiments.quickstart_rows import first_value, per_user_ndcg, present_groups, rank_profile
+from reaemb_trl.evaluation.significance import paired_tests
 
 
 def test_rank_profile_counts_the_groups_targets_over_all_seeds():
@@ -26,7 +27,7 @@ def test_paired_tests_are_holm_corrected_within_a_group_and_skip_empty_groups():
     better = rng.uniform(0.2, 1.0, n)
     users = {"a": better, "b": np.zeros(n), "c": better.copy()}
     masks = {"all": np.ones(n, bool), "cold_item": np.zeros(n, bool), "head_item": np.arange(n) < 30}
-    tests = paired_tests(users, [("a", "b"), ("a", "c")], masks)
+    tests = paired_tests(users, [("a", "b"), ("a", "c")], present_groups(masks))
     assert {t["group"] for t in tests} == {"all", "head_item"}  # the empty cold group is left out
     by = {(t["group"], t["b"]): t for t in tests}
     assert by[("all", "b")]["p"] < 1e-6 and by[("all", "b")]["differing_users"] == n
