@@ -32,9 +32,8 @@ primary anchor reward (popularity-normalised positive, centred cosine): LRCL's t
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 from experiments.pipeline import HELD_OUT_FRACTION, base_settings, load_data, write_json
 
